@@ -1,0 +1,264 @@
+"""``Federation``: the LightningModule the CLI trains — many split clients over one frozen backbone.
+
+One training epoch is one federated round. The round's batches (built by ``FederatedDataModule``) arrive grouped by
+client: ``local_steps`` batches of each sampled client. Each batch is one split step of that client. At the round's
+last batch the round ends: client (and per-client server) adapters are aggregated and sent back. Phase callbacks
+(clustering, rank allocation, aggregation) read and write the state exposed here: ``clients``, ``cluster_ids``,
+``num_examples``, ``backbone``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+
+from atlas_pl.algorithms.aggregation import fedavg
+from atlas_pl.client import SplitClient
+from atlas_pl.lora.adapters import LoraSpec
+from atlas_pl.metrics import PerClientMean
+from atlas_pl.models import load_model
+from atlas_pl.split.backbone import SplitBackbone
+from atlas_pl.split.channel import Compression, InProcessChannel
+
+ServerAdapters = Literal["per_client", "per_cluster"]
+
+
+def is_round_end(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last training batch of the current round (epoch)."""
+    return batch_idx + 1 >= trainer.num_training_batches
+
+
+class Federation(L.LightningModule):
+    """Split federated LoRA fine-tuning of one model by many clients (one training epoch = one round).
+
+    Args:
+        model: Base model name: ``gpt2-tiny``, ``gpt2-small-shape``, ``llama-tiny``, ``bert-tiny``,
+            ``smollm2-offline``, ``minilm-offline``, a local folder or a hub id (see ``atlas_pl.models``).
+        model_overrides: Config fields of config-built models (``{"n_layer": 2}``) or ``from_pretrained`` kwargs.
+        task_format: ``causal_lm`` (answer tokens as targets) or ``classification`` (encoder + class head).
+        num_labels: Classes of the classification head (``classification`` only).
+        num_clients: Number of clients; must equal the datamodule's.
+        cut_layer: Blocks ``[0, cut_layer)`` run on the clients, the rest on the server.
+        lora_rank: LoRA rank of every adapter (heterogeneous ranks come from ``RankAllocation``).
+        lora_alpha: LoRA alpha (update scaled by ``alpha / rank``).
+        lora_dropout: Dropout on the LoRA input.
+        target_modules: Module suffixes inside a block to adapt; ``None`` = the architecture's default.
+        learning_rate: AdamW learning rate (client and server adapters).
+        weight_decay: AdamW weight decay.
+        aggregation: ``fedavg`` averages adapters across the round's participants (SplitLoRA); ``none`` keeps every
+            client's adapter local (the local-only baseline).
+        server_adapters: ``per_cluster``: clients of a cluster train one shared server adapter in turn;
+            ``per_client``: each client has its own server adapter, aggregated like the client adapters.
+        compression: Wire format of activations/gradients across the cut (``none``, ``fp16``, ``bf16``, ``int8``).
+        dtype: Dtype of the frozen backbone.
+    """
+
+    def __init__(self, model: str = "gpt2-tiny", model_overrides: dict[str, Any] | None = None,
+                 task_format: Literal["causal_lm", "classification"] = "causal_lm", num_labels: int = 2,
+                 num_clients: int = 9, cut_layer: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
+                 lora_dropout: float = 0.0, target_modules: list[str] | None = None, learning_rate: float = 1e-3,
+                 weight_decay: float = 0.0, aggregation: Literal["fedavg", "none"] = "fedavg",
+                 server_adapters: ServerAdapters = "per_cluster", compression: Compression = "none",
+                 dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+        super().__init__()
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}")
+        if aggregation not in ("fedavg", "none"):
+            raise ValueError(f"`aggregation` must be 'fedavg' or 'none', got {aggregation!r}")
+        if server_adapters not in ("per_client", "per_cluster"):
+            raise ValueError(f"`server_adapters` must be 'per_client' or 'per_cluster', got {server_adapters!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
+        lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules)
+        base = load_model(model, task_format, num_labels, model_overrides, dtype)
+        self.backbone = SplitBackbone(base, cut_layer, lora)
+        self.channel = InProcessChannel(compression)
+        self.num_clients = num_clients
+        self.cluster_ids: list[int] = [0] * num_clients
+        self.num_examples: list[int] = [1] * num_clients
+        self.clients: list[SplitClient] = [self._make_client(i) for i in range(num_clients)]
+        self.train_loss = PerClientMean(num_clients)
+        self.val_loss = PerClientMean(num_clients)
+        self.val_acc = PerClientMean(num_clients)
+        self.history: list[dict[str, Any]] = []
+        self._participants: set[int] = set()
+        self._round_start_bytes = (0, 0)
+        self._round_start_time = 0.0
+
+    # ------------------------------------------------------------------------------------------ clients
+    def server_adapter_name(self, client_idx: int) -> str:
+        if self.hparams.server_adapters == "per_client":
+            return f"server_{client_idx}"
+        return f"server_c{self.cluster_ids[client_idx]}"
+
+    def _make_client(self, idx: int) -> SplitClient:
+        return SplitClient(self.backbone, client_adapter=f"client_{idx}", server_adapter=self.server_adapter_name(idx),
+                           learning_rate=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                           channel=self.channel, client_idx=idx, owns_backbone=False)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "num_examples"):
+            return
+        if getattr(dm, "num_clients", self.num_clients) != self.num_clients:
+            raise ValueError(f"`model.num_clients` ({self.num_clients}) differs from `data.num_clients` "
+                             f"({dm.num_clients}); set both to the same value")
+        counts = list(dm.num_examples)
+        empty = [i for i, n in enumerate(counts) if n < 1]
+        if empty:
+            raise ValueError(f"client(s) {empty} have no training examples; give every client data "
+                             "(more examples per task, or fewer clients)")
+        self.num_examples = counts
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One optimizer per client adapter, then one per server adapter (see :meth:`optimizer_index`)."""
+        client_opts = [c.client_optimizer() for c in self.clients]
+        seen: dict[str, SplitClient] = {}
+        for c in self.clients:
+            seen.setdefault(c.server_adapter, c)
+        self._server_opt_index = {name: self.num_clients + j for j, name in enumerate(seen)}
+        return client_opts + [c.server_optimizer() for c in seen.values()]
+
+    def optimizer_index(self, client_idx: int) -> tuple[int, int]:
+        """Positions of the client's and its server adapter's optimizers in ``self.optimizers()``."""
+        return client_idx, self._server_opt_index[self.clients[client_idx].server_adapter]
+
+    # ------------------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        self._participants = set()
+        self.train_loss.reset()
+        self._round_start_bytes = (self.channel.stats.bytes_up, self.channel.stats.bytes_down)
+        self._round_start_time = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        idx = int(batch["client_idx"])
+        opts = self.optimizers()
+        ci, si = self.optimizer_index(idx)
+        out = self.clients[idx].run_split_step(batch, (opts[ci], opts[si]), self.manual_backward)
+        self.train_loss.update(out.loss, idx, out.num_targets)
+        self._participants.add(idx)
+        self.log("train_loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if is_round_end(self.trainer, batch_idx):
+            self.end_round()
+
+    def end_round(self) -> None:
+        """Aggregate the round's adapters (unless a phase callback owns aggregation) and log the round."""
+        participants = sorted(self._participants)
+        if self.hparams.aggregation == "fedavg" and participants:
+            self.aggregate(participants)
+        up0, down0 = self._round_start_bytes
+        stats = self.channel.stats
+        metrics = {"comm/bytes_up": float(stats.bytes_up - up0), "comm/bytes_down": float(stats.bytes_down - down0),
+                   "round/participants": float(len(participants)),
+                   "round/seconds": time.perf_counter() - self._round_start_time}
+        losses = self.train_loss.compute()
+        for i in participants:
+            metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
+        for k, v in self.train_loss.grouped(self.cluster_ids).items():
+            metrics[f"train_loss/cluster_{k}"] = v
+        metrics["train_loss/epoch"] = self.train_loss.overall()
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+
+    @torch.no_grad()
+    def aggregate(self, participants: list[int]) -> None:
+        """FedAvg of client adapters (and per-client server adapters) within each cluster; results sent to all."""
+        bank = self.backbone.bank
+        for cluster in sorted(set(self.cluster_ids)):
+            members = [i for i, c in enumerate(self.cluster_ids) if c == cluster]
+            active = [i for i in participants if i in members]
+            if not active:
+                continue
+            weights = [self.num_examples[i] for i in active]
+            kinds = ["client_adapter"] + (["server_adapter"] if self.hparams.server_adapters == "per_client" else [])
+            for kind in kinds:
+                merged = fedavg([bank.state(getattr(self.clients[i], kind)) for i in active], weights)
+                for i in members:
+                    bank.load_state(getattr(self.clients[i], kind), merged)
+            for i in active:
+                nbytes = bank.nbytes(self.clients[i].client_adapter)
+                self.channel.send_adapters(nbytes, 0, client_idx=i)
+            for i in members:
+                self.channel.send_adapters(0, bank.nbytes(self.clients[i].client_adapter), client_idx=i)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        idx = int(batch["client_idx"])
+        out = self.clients[idx].evaluate(batch)
+        self.val_loss.update(out.loss, idx, out.num_targets)
+        self.val_acc.update(out.correct.float().mean(), idx, out.correct.numel())
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def evaluation_metrics(self, prefix: str) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, metric in (("loss", self.val_loss), ("acc", self.val_acc)):
+            values, seen = metric.compute(), metric.seen()
+            for i in range(self.num_clients):
+                if seen[i]:
+                    metrics[f"{prefix}_{name}/client_{i:03d}"] = float(values[i])
+            for k, v in metric.grouped(self.cluster_ids).items():
+                metrics[f"{prefix}_{name}/cluster_{k}"] = v
+            metrics[f"{prefix}_{name}"] = metric.overall()
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self.evaluation_metrics("val")
+        self.log_dict(metrics, batch_size=1)
+        if self.trainer.state.fn == "fit":
+            self.history.append({"round": int(self.current_epoch), **metrics,
+                                 "bytes_up": self.channel.stats.bytes_up,
+                                 "bytes_down": self.channel.stats.bytes_down})
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.evaluation_metrics("test"), batch_size=1)
+
+    # ------------------------------------------------------------------------------------------ checkpointing
+    def trainable_keys(self) -> set[str]:
+        return {k for k, _ in self.named_parameters() if "lora_" in k or k.startswith("backbone.heads.")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["federation"] = {
+            "cluster_ids": list(self.cluster_ids), "num_examples": list(self.num_examples),
+            "history": self.history, "channel": self.channel.stats.state_dict(),
+            "adapter_ranks": {n: dict(r) for n, r in self.backbone.bank.ranks.items()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (first: {missing[0]}); it was written "
+                             "by a federation with other clients, ranks or cut layer: resume with the same config")
+        state = checkpoint.get("federation", {})
+        self.cluster_ids = list(state.get("cluster_ids", self.cluster_ids))
+        self.num_examples = list(state.get("num_examples", self.num_examples))
+        self.history = list(state.get("history", []))
+        self.channel.stats.load_state_dict(state.get("channel", {}))
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

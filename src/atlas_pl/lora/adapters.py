@@ -1,0 +1,146 @@
+"""Many named peft LoRA adapters on one frozen backbone.
+
+Every client owns a named adapter (and the server one per client or per cluster); all of them live as peft LoRA
+layers on the single shared base model, so memory grows by adapter weights only, never by a model copy. Activating a
+client switches the active adapter names of every LoRA layer in O(number of layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters shared by the adapters of a federation.
+
+    Args:
+        rank: Default LoRA rank ``r`` (>= 1).
+        alpha: LoRA ``alpha``; the update is scaled by ``alpha / r``.
+        dropout: Dropout on the LoRA input.
+        target_modules: Module suffixes inside a block to adapt (``None``: the architecture's default).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        validate_rank(self.rank, "rank")
+        if self.alpha <= 0:
+            raise ValueError(f"`alpha` must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+
+
+def validate_rank(rank: object, name: str = "rank") -> None:
+    """Raise a clear error unless ``rank`` is an int >= 1."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {rank!r}")
+
+
+class AdapterBank:
+    """Named LoRA adapters (peft) on one base model, with cheap activation and factor access.
+
+    Args:
+        model: The base Hugging Face model (weights are frozen in place).
+        fan_in_fan_out: ``True`` when the targets are HF ``Conv1D`` (GPT-2).
+    """
+
+    def __init__(self, model: nn.Module, fan_in_fan_out: bool = False) -> None:
+        self.base = model
+        self.fan_in_fan_out = fan_in_fan_out
+        self.peft_model: PeftModel | None = None
+        self._layers: list[tuple[str, LoraLayer]] = []
+        self.ranks: dict[str, dict[str, int]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.ranks)
+
+    def add(self, name: str, module_names: list[str], rank: int, alpha: float, dropout: float = 0.0,
+            rank_pattern: dict[str, int] | None = None) -> None:
+        """Add adapter ``name`` on ``module_names`` (full names) with default ``rank`` and optional per-module ranks.
+
+        Raises:
+            ValueError: ``name`` exists already, a rank is < 1, or no module matches.
+        """
+        if name in self.ranks:
+            raise ValueError(f"adapter {name!r} exists already; pick another name or delete it first")
+        validate_rank(rank)
+        for module, r in (rank_pattern or {}).items():
+            validate_rank(r, f"rank_pattern[{module!r}]")
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(module_names),
+            fan_in_fan_out=self.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern={m: alpha * r / rank for m, r in (rank_pattern or {}).items()},
+        )
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.base, config, adapter_name=name)
+        else:
+            self.peft_model.add_adapter(name, config)
+        self._layers = [(n, m) for n, m in self.base.named_modules() if isinstance(m, LoraLayer)]
+        self.ranks[name] = {n: int(m.r[name]) for n, m in self._layers if name in m.lora_A}
+        if not self.ranks[name]:
+            raise ValueError(f"adapter {name!r} matched no module; check `target_modules` ({module_names[:3]}...)")
+        for p in self.parameters(name):
+            p.requires_grad_(True)
+
+    def activate(self, names: Iterable[str]) -> None:
+        """Make exactly ``names`` the active adapters of every LoRA layer (layers lacking one skip it)."""
+        active = [n for n in names if n is not None]
+        for missing in set(active) - set(self.ranks):
+            raise KeyError(f"unknown adapter {missing!r}; known adapters: {self.names[:8]}...")
+        for _, layer in self._layers:
+            layer._active_adapter = active  # peft's own storage of the active adapter names
+
+    def modules(self, name: str) -> list[tuple[str, LoraLayer]]:
+        """``(module_name, layer)`` pairs holding adapter ``name``."""
+        return [(n, m) for n, m in self._layers if name in m.lora_A]
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """Trainable tensors (``lora_A``, ``lora_B``) of adapter ``name``."""
+        params: list[nn.Parameter] = []
+        for _, m in self.modules(name):
+            params += [m.lora_A[name].weight, m.lora_B[name].weight]
+        return params
+
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per module: ``(A [r×d_in], B [d_out×r], scaling)`` of adapter ``name`` (live tensors, not copies)."""
+        return {n: (m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]))
+                for n, m in self.modules(name)}
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        """A detached copy of adapter ``name``: ``{"<module>.lora_A": A, "<module>.lora_B": B}``."""
+        out: dict[str, torch.Tensor] = {}
+        for module, (a, b, _) in self.factors(name).items():
+            out[f"{module}.lora_A"] = a.detach().clone()
+            out[f"{module}.lora_B"] = b.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (as returned by :meth:`state`) into adapter ``name`` in place.
+
+        Raises:
+            KeyError: ``state`` lacks a module of the adapter.
+            ValueError: a tensor's shape differs from the adapter's (different rank).
+        """
+        for module, (a, b, _) in self.factors(name).items():
+            for key, param in ((f"{module}.lora_A", a), (f"{module}.lora_B", b)):
+                value = state[key]
+                if value.shape != param.shape:
+                    raise ValueError(f"adapter {name!r}: {key} has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(param.shape)}; ranks differ, re-decompose before loading")
+                param.copy_(value)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of adapter ``name``'s tensors."""
+        return sum(p.numel() * p.element_size() for p in self.parameters(name))

@@ -1,0 +1,190 @@
+"""One frozen model, cut in two, carrying every client's and server's LoRA adapters.
+
+``SplitBackbone`` is the shared object of a federation: the client half (embeddings + blocks ``[0, cut_layer)``) and
+the server half (blocks ``[cut_layer, L)`` + final norm + head) are views of the same modules, so no weight is copied.
+Client adapters live only on client-half modules and server adapters only on server-half modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atlas_pl.lora.adapters import AdapterBank, LoraSpec, validate_rank
+from atlas_pl.split.registry import (
+    ArchSpec,
+    block_module_names,
+    get_arch,
+    get_submodule,
+    num_blocks,
+    validate_cut_layer,
+)
+
+
+@dataclass
+class ServerOutput:
+    """What the server half returns for one batch.
+
+    Attributes:
+        loss: Mean loss over targets (answer tokens for causal LMs, examples for classification).
+        correct: Per-example bool: every answer token predicted (causal LM) or the class predicted (classification).
+        num_targets: Number of target tokens/examples the loss averages over.
+    """
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    num_targets: int
+
+
+def split_model(model: nn.Module, cut_layer: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Client and server block lists of ``model`` cut before block ``cut_layer``; the modules are shared, not copied.
+
+    Raises:
+        ValueError: Unknown architecture or ``cut_layer`` outside ``[1, num_blocks - 1]``.
+    """
+    arch = get_arch(model)
+    blocks = model.get_submodule(arch.blocks_path)
+    validate_cut_layer(cut_layer, len(blocks))
+    return nn.ModuleList(blocks[:cut_layer]), nn.ModuleList(blocks[cut_layer:])
+
+
+class SplitBackbone(nn.Module):
+    """A frozen Hugging Face model split at ``cut_layer``, hosting named LoRA adapters for both halves.
+
+    Args:
+        model: A Hugging Face model of a registered architecture (``atlas_pl.split.registry``).
+        cut_layer: Blocks ``[0, cut_layer)`` run on the client; must be in ``[1, num_blocks - 1]``.
+        lora: LoRA hyper-parameters (rank, alpha, dropout, target modules).
+
+    Raises:
+        ValueError: Unknown architecture, bad ``cut_layer``, or a target module missing from the blocks.
+    """
+
+    def __init__(self, model: nn.Module, cut_layer: int, lora: LoraSpec | None = None) -> None:
+        super().__init__()
+        self.arch: ArchSpec = get_arch(model)
+        self.num_layers = num_blocks(model, self.arch)
+        validate_cut_layer(cut_layer, self.num_layers)
+        self.cut_layer = cut_layer
+        self.lora = lora or LoraSpec()
+        self.targets = tuple(self.lora.target_modules or self.arch.default_targets)
+        self._check_targets(model)
+        model.requires_grad_(False)
+        self.model = model
+        self.bank = AdapterBank(model, fan_in_fan_out=self.arch.fan_in_fan_out)
+        self.heads = nn.ModuleDict()
+        self.server_adapters: list[str] = []
+        self.client_adapters: list[str] = []
+
+    def _check_targets(self, model: nn.Module) -> None:
+        block0 = model.get_submodule(f"{self.arch.blocks_path}.0")
+        names = {n for n, _ in block0.named_modules()}
+        missing = [t for t in self.targets if t not in names]
+        if missing:
+            raise ValueError(f"`target_modules` {missing} not found in a {self.arch.name} block; "
+                             f"choose among {list(self.arch.all_targets)}")
+
+    @property
+    def task(self) -> str:
+        return self.arch.task
+
+    def client_module_names(self) -> list[str]:
+        return block_module_names(self.arch, self.targets, range(0, self.cut_layer))
+
+    def server_module_names(self) -> list[str]:
+        return block_module_names(self.arch, self.targets, range(self.cut_layer, self.num_layers))
+
+    # ----------------------------------------------------------------------------------------- adapters
+    def add_client_adapter(self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
+                           ) -> None:
+        """Add a LoRA adapter named ``name`` on the client half."""
+        rank = self.lora.rank if rank is None else rank
+        validate_rank(rank)
+        self.bank.add(name, self.client_module_names(), rank, self.lora.alpha, self.lora.dropout, rank_pattern)
+        self.client_adapters.append(name)
+
+    def add_server_adapter(self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
+                           ) -> None:
+        """Add a LoRA adapter named ``name`` on the server half (plus a trainable task head for classifiers)."""
+        rank = self.lora.rank if rank is None else rank
+        validate_rank(rank)
+        self.bank.add(name, self.server_module_names(), rank, self.lora.alpha, self.lora.dropout, rank_pattern)
+        self.server_adapters.append(name)
+        if self.task == "classification":
+            head = copy.deepcopy(get_submodule(self.model, self.arch.head_path))
+            self.heads[name] = head.requires_grad_(True)
+
+    def server_parameters(self, name: str) -> list[nn.Parameter]:
+        params = self.bank.parameters(name)
+        if name in self.heads:
+            params += list(self.heads[name].parameters())
+        return params
+
+    def activate(self, client_adapter: str | None, server_adapter: str | None) -> None:
+        self.bank.activate([n for n in (client_adapter, server_adapter) if n is not None])
+
+    # ----------------------------------------------------------------------------------------- forward halves
+    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings + blocks ``[0, cut_layer)``: the activations ``h`` sent over the cut."""
+        hidden = self.arch.embed(self.model, input_ids)
+        ctx = self.arch.context(self.model, hidden, attention_mask)
+        blocks = self.model.get_submodule(self.arch.blocks_path)
+        for block in blocks[: self.cut_layer]:
+            hidden = self.arch.run_block(block, hidden, ctx)
+        return hidden
+
+    def server_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Blocks ``[cut_layer, L)`` + final norm."""
+        ctx = self.arch.context(self.model, hidden, attention_mask)
+        blocks = self.model.get_submodule(self.arch.blocks_path)
+        for block in blocks[self.cut_layer:]:
+            hidden = self.arch.run_block(block, hidden, ctx)
+        norm = get_submodule(self.model, self.arch.final_norm_path)
+        return hidden if norm is None else norm(hidden)
+
+    def server_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       server_adapter: str | None = None) -> ServerOutput:
+        """Server half, head and loss.
+
+        Causal LMs: ``labels`` are aligned with the input (``-100`` = ignore); logits are computed only at the shifted
+        answer positions, never over the vocabulary at every position. Classifiers: ``labels`` is ``[batch]``.
+        """
+        hidden = self.server_hidden(hidden, attention_mask)
+        if self.task == "classification":
+            return self._classify(hidden, labels, server_adapter)
+        return self._lm_loss(hidden, labels)
+
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> ServerOutput:
+        targets = labels[:, 1:]
+        selected = targets != -100
+        if not bool(selected.any()):
+            raise ValueError("batch has no answer tokens (all labels are -100); check the prompt template and "
+                             "max_length so the answer is not truncated")
+        head = get_submodule(self.model, self.arch.head_path)
+        logits = head(hidden[:, :-1][selected]).float()
+        gold = targets[selected]
+        loss = F.cross_entropy(logits, gold)
+        hits = (logits.argmax(-1) == gold).to(torch.long)
+        rows = selected.nonzero()[:, 0]
+        wrong = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device).index_add_(0, rows, 1 - hits)
+        return ServerOutput(loss=loss, correct=wrong == 0, num_targets=int(gold.numel()))
+
+    def _classify(self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None) -> ServerOutput:
+        pooled = get_submodule(self.model, self.arch.extra["pooler"])(hidden)
+        pooled = get_submodule(self.model, self.arch.extra["dropout"])(pooled)
+        head = self.heads[server_adapter] if server_adapter in self.heads else get_submodule(
+            self.model, self.arch.head_path)
+        logits = head(pooled).float()
+        loss = F.cross_entropy(logits, labels)
+        return ServerOutput(loss=loss, correct=logits.argmax(-1) == labels, num_targets=int(labels.numel()))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                client_adapter: str | None = None, server_adapter: str | None = None) -> ServerOutput:
+        """Both halves in one call (evaluation, and the monolithic reference of a split step)."""
+        self.activate(client_adapter, server_adapter)
+        hidden = self.client_forward(input_ids, attention_mask)
+        return self.server_forward(hidden, attention_mask, labels, server_adapter)

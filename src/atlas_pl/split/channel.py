@@ -1,0 +1,137 @@
+"""The link between a client half and the server half: activations up, activation gradients down.
+
+A :class:`Channel` is the only place tensors cross the cut, so it is where bytes are counted and where the wire format
+(optional fp16/bf16/int8 compression) is applied. :class:`InProcessChannel` is the default for simulation: both halves
+live in one process and the "transfer" is a detach plus an optional round trip through the wire dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Compression = Literal["none", "fp16", "bf16", "int8"]
+_WIRE_BYTES = {"none": None, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+@dataclass
+class ChannelStats:
+    """Bytes that crossed the cut, split by direction and kind."""
+
+    activations_up: int = 0
+    metadata_up: int = 0
+    gradients_down: int = 0
+    adapters_up: int = 0
+    adapters_down: int = 0
+    messages: int = 0
+    per_client_up: dict[int, int] = field(default_factory=dict)
+    per_client_down: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def bytes_up(self) -> int:
+        return self.activations_up + self.metadata_up + self.adapters_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.gradients_down + self.adapters_down
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "activations_up": self.activations_up, "metadata_up": self.metadata_up,
+            "gradients_down": self.gradients_down, "adapters_up": self.adapters_up,
+            "adapters_down": self.adapters_down, "messages": self.messages,
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+        }
+
+    def state_dict(self) -> dict:
+        state: dict = self.as_dict()
+        state["per_client_up"] = dict(self.per_client_up)
+        state["per_client_down"] = dict(self.per_client_down)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down", "messages"):
+            setattr(self, key, int(state.get(key, 0)))
+        self.per_client_up = {int(k): int(v) for k, v in state.get("per_client_up", {}).items()}
+        self.per_client_down = {int(k): int(v) for k, v in state.get("per_client_down", {}).items()}
+
+
+def tensor_wire_bytes(tensor: torch.Tensor, compression: Compression = "none") -> int:
+    """Bytes a tensor takes on the wire under ``compression`` (int8 adds one fp32 scale)."""
+    width = _WIRE_BYTES[compression]
+    if width is None:
+        return tensor.numel() * tensor.element_size()
+    return tensor.numel() * width + (4 if compression == "int8" else 0)
+
+
+def compress_roundtrip(tensor: torch.Tensor, compression: Compression) -> torch.Tensor:
+    """What the receiver sees after ``tensor`` is encoded in the wire format and decoded back to its dtype."""
+    if compression == "none":
+        return tensor
+    if compression in ("fp16", "bf16"):
+        wire = torch.float16 if compression == "fp16" else torch.bfloat16
+        return tensor.to(wire).to(tensor.dtype)
+    scale = tensor.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    return (tensor / scale).round().clamp(-127, 127).to(torch.int8).to(tensor.dtype) * scale
+
+
+class Channel:
+    """Interface of the cut-layer link. Subclasses move tensors; this class counts bytes.
+
+    Args:
+        compression: Wire format of activations and gradients: ``"none"`` (their dtype), ``"fp16"``, ``"bf16"`` or
+            ``"int8"`` (per-tensor absmax quantization).
+    """
+
+    def __init__(self, compression: Compression = "none") -> None:
+        if compression not in _WIRE_BYTES:
+            raise ValueError(f"`compression` must be one of {sorted(_WIRE_BYTES)}, got {compression!r}")
+        self.compression: Compression = compression
+        self.stats = ChannelStats()
+
+    def _count(self, client_idx: int, up: int = 0, down: int = 0) -> None:
+        self.stats.messages += 1
+        if up:
+            self.stats.per_client_up[client_idx] = self.stats.per_client_up.get(client_idx, 0) + up
+        if down:
+            self.stats.per_client_down[client_idx] = self.stats.per_client_down.get(client_idx, 0) + down
+
+    def send_activations(self, hidden: torch.Tensor, metadata: dict[str, torch.Tensor], client_idx: int = 0
+                         ) -> torch.Tensor:
+        """Client → server: the cut activations plus the metadata the server needs (mask, labels).
+
+        Returns:
+            The server's copy of ``hidden``: a leaf that requires grad, so ``.grad`` holds ``∂L/∂h`` after backward.
+        """
+        act = tensor_wire_bytes(hidden, self.compression)
+        meta = sum(tensor_wire_bytes(t) for t in metadata.values())
+        self.stats.activations_up += act
+        self.stats.metadata_up += meta
+        self._count(client_idx, up=act + meta)
+        return self._transfer(hidden).requires_grad_(True)
+
+    def send_gradients(self, grad: torch.Tensor, client_idx: int = 0) -> torch.Tensor:
+        """Server → client: ``∂L/∂h`` for the client's backward pass."""
+        nbytes = tensor_wire_bytes(grad, self.compression)
+        self.stats.gradients_down += nbytes
+        self._count(client_idx, down=nbytes)
+        return self._transfer(grad)
+
+    def send_adapters(self, nbytes_up: int, nbytes_down: int, client_idx: int = 0) -> None:
+        """Count adapter traffic at round end (client adapter up for aggregation, merged adapter down)."""
+        self.stats.adapters_up += nbytes_up
+        self.stats.adapters_down += nbytes_down
+        self._count(client_idx, up=nbytes_up, down=nbytes_down)
+
+    def _transfer(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InProcessChannel(Channel):
+    """Both halves in one process: the transfer detaches and applies the wire format, nothing is copied otherwise."""
+
+    def _transfer(self, tensor: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return compress_roundtrip(tensor.detach(), self.compression)

@@ -1,0 +1,191 @@
+"""Architecture registry: where each model family keeps its embeddings, blocks, final norm, head and LoRA targets.
+
+Split learning needs to run a model in two pieces. Instead of wrapping each family's ``forward``, the registry names the
+pieces and knows how to call one block, so ``client half = embed + blocks[:cut]`` and
+``server half = blocks[cut:] + norm + head`` compute exactly what the monolithic model computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+TaskKind = Literal["causal_lm", "classification"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to take one model family apart.
+
+    Attributes:
+        name: Family name (``"gpt2"``, ``"llama"``, ``"bert"``).
+        model_types: ``config.model_type`` values handled by this spec.
+        task: ``"causal_lm"`` (LM head over answer tokens) or ``"classification"`` (pooled head).
+        blocks_path: Dotted path of the ``nn.ModuleList`` of transformer blocks.
+        default_targets: LoRA target module suffixes inside one block.
+        all_targets: Every linear suffix in a block that LoRA may target.
+        fan_in_fan_out: ``True`` for HF ``Conv1D`` (GPT-2).
+        embed: ``(model, input_ids) -> hidden``.
+        context: ``(model, hidden, attention_mask) -> kwargs`` passed to every block (masks, positions).
+        run_block: ``(block, hidden, kwargs) -> hidden``.
+        final_norm_path: Dotted path of the final norm, or ``None``.
+        head_path: Dotted path of the output head (LM head or classifier).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    task: TaskKind
+    blocks_path: str
+    default_targets: tuple[str, ...]
+    all_targets: tuple[str, ...]
+    fan_in_fan_out: bool
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    context: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Any]]
+    run_block: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
+    final_norm_path: str | None
+    head_path: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def get_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
+    """Return ``model.<path>`` or ``None`` when ``path`` is ``None``."""
+    return None if path is None else model.get_submodule(path)
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------------------------
+def _gpt2_embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    t = model.transformer
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    return t.drop(t.wte(input_ids) + t.wpe(positions))
+
+
+def _causal_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    positions = _positions(hidden)
+    mask = create_causal_mask(
+        config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
+    )
+    return {"attention_mask": mask, "position_ids": positions}
+
+
+def _gpt2_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    return block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
+
+
+# --- LLaMA family ---------------------------------------------------------------------------------------------
+def _llama_embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model.model.embed_tokens(input_ids)
+
+
+def _llama_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    ctx = _causal_context(model, hidden, attention_mask)
+    ctx["position_embeddings"] = model.model.rotary_emb(hidden, position_ids=ctx["position_ids"])
+    return ctx
+
+
+def _llama_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    return block(
+        hidden,
+        attention_mask=ctx["attention_mask"],
+        position_embeddings=ctx["position_embeddings"],
+        position_ids=ctx["position_ids"],
+    )
+
+
+# --- BERT family ----------------------------------------------------------------------------------------------
+def _bert_embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model.bert.embeddings(input_ids=input_ids)
+
+
+def _bert_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    return {"attention_mask": mask}
+
+
+def _bert_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    return block(hidden, attention_mask=ctx["attention_mask"])
+
+
+_LLAMA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        name="gpt2", model_types=("gpt2",), task="causal_lm", blocks_path="transformer.h",
+        default_targets=("attn.c_attn", "attn.c_proj"),
+        all_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), fan_in_fan_out=True,
+        embed=_gpt2_embed, context=_causal_context, run_block=_gpt2_block,
+        final_norm_path="transformer.ln_f", head_path="lm_head",
+    ),
+    "llama": ArchSpec(
+        name="llama", model_types=("llama", "qwen2", "mistral"), task="causal_lm", blocks_path="model.layers",
+        default_targets=("self_attn.q_proj", "self_attn.v_proj"), all_targets=_LLAMA_TARGETS, fan_in_fan_out=False,
+        embed=_llama_embed, context=_llama_context, run_block=_llama_block,
+        final_norm_path="model.norm", head_path="lm_head",
+    ),
+    "bert": ArchSpec(
+        name="bert", model_types=("bert",), task="classification", blocks_path="bert.encoder.layer",
+        default_targets=("attention.self.query", "attention.self.value"),
+        all_targets=("attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense", "intermediate.dense", "output.dense"),
+        fan_in_fan_out=False, embed=_bert_embed, context=_bert_context, run_block=_bert_block,
+        final_norm_path=None, head_path="classifier", extra={"pooler": "bert.pooler", "dropout": "dropout"},
+    ),
+}
+
+
+def get_arch(model: nn.Module) -> ArchSpec:
+    """Find the registry entry for a Hugging Face model.
+
+    Raises:
+        ValueError: The model's ``config.model_type`` is not in the registry, or the model lacks the expected head.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in ARCHITECTURES.values():
+        if model_type in spec.model_types:
+            try:
+                model.get_submodule(spec.blocks_path)
+                model.get_submodule(spec.head_path)
+            except AttributeError as err:
+                raise ValueError(
+                    f"model of type {model_type!r} ({type(model).__name__}) lacks `{spec.blocks_path}` or "
+                    f"`{spec.head_path}`: load it with the {'causal-LM' if spec.task == 'causal_lm' else 'sequence-classification'} "
+                    "head (AutoModelForCausalLM / AutoModelForSequenceClassification)"
+                ) from err
+            return spec
+    supported = sorted(t for s in ARCHITECTURES.values() for t in s.model_types)
+    raise ValueError(
+        f"unsupported architecture {model_type!r} ({type(model).__name__}); supported model types: {supported}. "
+        "Add an `ArchSpec` to `atlas_pl.split.registry.ARCHITECTURES` to support it."
+    )
+
+
+def num_blocks(model: nn.Module, arch: ArchSpec) -> int:
+    """Number of transformer blocks of ``model``."""
+    return len(model.get_submodule(arch.blocks_path))
+
+
+def validate_cut_layer(cut_layer: int, n_blocks: int) -> None:
+    """Check ``1 <= cut_layer <= n_blocks - 1``.
+
+    Raises:
+        ValueError: The cut leaves one side without a block.
+    """
+    if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 1 <= cut_layer <= n_blocks - 1:
+        raise ValueError(
+            f"`cut_layer` must be an int in [1, {n_blocks - 1}] for a model with {n_blocks} blocks "
+            f"(the client keeps blocks [0, cut_layer)), got {cut_layer!r}"
+        )
+
+
+def block_module_names(arch: ArchSpec, targets: tuple[str, ...] | list[str], layers: range) -> list[str]:
+    """Full module names of ``targets`` inside the given block indices (peft ``target_modules`` entries)."""
+    return [f"{arch.blocks_path}.{i}.{t}" for i in layers for t in targets]

@@ -1,0 +1,51 @@
+"""One split-learning step: client forward, activations over the channel, server loss and backward, gradient back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from atlas_pl.split.backbone import ServerOutput, SplitBackbone
+from atlas_pl.split.channel import Channel
+
+Backward = Callable[[torch.Tensor], None]
+
+
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def split_forward_backward(backbone: SplitBackbone, channel: Channel, batch: dict, client_adapter: str,
+                           server_adapter: str, backward: Backward | None = None, client_idx: int = 0
+                           ) -> ServerOutput:
+    """Run one split step up to (not including) the optimizer steps; gradients land in the two adapters.
+
+    1. client: embeddings + blocks ``[0, cut)`` with ``client_adapter`` → ``h``;
+    2. ``channel.send_activations(h)`` → the server's leaf copy ``h_s`` (plus mask and labels as metadata);
+    3. server: blocks ``[cut, L)`` + head + loss with ``server_adapter``; ``backward(loss)`` fills the server adapter's
+       gradients and ``h_s.grad = ∂L/∂h``;
+    4. ``channel.send_gradients(h_s.grad)`` → the client backpropagates it through its half.
+
+    Args:
+        backbone: The shared split model.
+        channel: The link that carries (and counts) activations and gradients.
+        batch: ``input_ids``, ``attention_mask``, ``labels``.
+        client_adapter: Name of the client-half adapter.
+        server_adapter: Name of the server-half adapter.
+        backward: How to backpropagate the server loss (``LightningModule.manual_backward`` under a Trainer, so
+            precision plugins scale it); defaults to ``loss.backward()``.
+        client_idx: Client index used by the channel's byte counters.
+    """
+    mask, labels = batch["attention_mask"], batch["labels"]
+    backbone.activate(client_adapter, server_adapter)
+    hidden = backbone.client_forward(batch["input_ids"], mask)
+    received = channel.send_activations(hidden, {"attention_mask": mask, "labels": labels}, client_idx)
+    out = backbone.server_forward(received, mask, labels, server_adapter)
+    (backward or _plain_backward)(out.loss)
+    if received.grad is None:
+        raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
+    grad = channel.send_gradients(received.grad, client_idx)
+    # The gradient is already in the loss's (possibly scaled) units, so plain autograd continues it unchanged.
+    torch.autograd.backward(hidden, grad)
+    return out
