@@ -28,6 +28,12 @@ from atlas_pl.split.channel import Compression, InProcessChannel
 ServerAdapters = Literal["per_client", "per_cluster"]
 
 
+def _numpy_state() -> tuple:
+    """NumPy's global RNG state with the key array as a tensor (checkpoints load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+
+
 def is_round_end(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether ``batch_idx`` is the last training batch of the current round (epoch)."""
     return batch_idx + 1 >= trainer.num_training_batches
@@ -241,7 +247,7 @@ class Federation(L.LightningModule):
             "cluster_ids": list(self.cluster_ids), "num_examples": list(self.num_examples),
             "history": self.history, "channel": self.channel.stats.state_dict(),
             "adapter_ranks": {n: dict(r) for n, r in self.backbone.bank.ranks.items()},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
@@ -258,7 +264,8 @@ class Federation(L.LightningModule):
         rng = state.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(rng["python"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,41 @@
+"""Fixtures shared by the whole suite: tiny federations built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_GPT2 = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
+
+
+def tiny_federation_kwargs(**overrides) -> dict:
+    kwargs = dict(model="gpt2-tiny", model_overrides=dict(TINY_GPT2), num_clients=4, cut_layer=1, lora_rank=4,
+                  lora_alpha=8, learning_rate=1e-2)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_data_kwargs(**overrides) -> dict:
+    kwargs = dict(num_clients=4, num_groups=2, tasks_per_group=2, examples_per_client=24, max_length=32,
+                  batch_size=8, local_steps=2, seed=0)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def fast_trainer_kwargs(tmp_path) -> dict:
+    return dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=tmp_path,
+                enable_checkpointing=False)
+
+
+@pytest.fixture
+def seeded() -> None:
+    L.seed_everything(0, verbose=False)

@@ -1,0 +1,108 @@
+"""The federation: one backbone, clients as adapters, FedAvg rounds, resumable checkpoints."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from atlas_pl.client import SplitClient
+from atlas_pl.data import FederatedDataModule
+from atlas_pl.federation import Federation
+from atlas_pl.io import AtomicCheckpointIO
+from tests.conftest import tiny_data_kwargs, tiny_federation_kwargs
+
+
+def _adapters(model: Federation) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_clients_share_one_backbone_and_add_only_adapters() -> None:
+    fed = Federation(**tiny_federation_kwargs(num_clients=3))
+    frozen = [p for n, p in fed.named_parameters() if "lora_" not in n]
+    assert all(not p.requires_grad for p in frozen)
+    assert all(c.split is fed.backbone for c in fed.clients)
+    names = {n.split(".lora_")[1].split(".")[1] for n, _ in fed.named_parameters() if "lora_" in n}
+    assert names == {"client_0", "client_1", "client_2", "server_c0"}
+
+
+def test_fedavg_round_leaves_all_clients_with_equal_adapters(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs())
+    dm = FederatedDataModule(**tiny_data_kwargs())
+    before = _adapters(fed)
+    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    states = [fed.backbone.bank.state(f"client_{i}") for i in range(4)]
+    for state in states[1:]:
+        for key, value in state.items():
+            torch.testing.assert_close(value, states[0][key])
+    after = _adapters(fed)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no adapter"
+
+
+def test_local_only_aggregation_keeps_clients_apart(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs(aggregation="none"))
+    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
+    a, b = fed.backbone.bank.state("client_0"), fed.backbone.bank.state("client_1")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_loss_falls_over_rounds(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs(learning_rate=2e-2))
+    dm = FederatedDataModule(**tiny_data_kwargs(local_steps=4))
+    L.Trainer(max_epochs=3, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    losses = [h["val_loss"] for h in fed.history]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0]
+
+
+def test_channel_counts_activation_and_gradient_bytes(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs())
+    dm = FederatedDataModule(**tiny_data_kwargs())
+    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    stats = fed.channel.stats
+    # every step sends one fp32 activation [batch, seq, 32] up and its gradient down
+    assert stats.activations_up == stats.gradients_down > 0
+    assert stats.activations_up % (4 * 32) == 0
+    assert stats.adapters_up == 4 * fed.backbone.bank.nbytes("client_0")
+
+
+def test_mismatched_client_counts_raise_naming_both(fast_trainer_kwargs) -> None:
+    fed = Federation(**tiny_federation_kwargs(num_clients=3))
+    with pytest.raises(ValueError, match="num_clients"):
+        L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
+
+
+def test_split_client_trains_alone_with_a_plain_trainer(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs(num_clients=1))
+    client = SplitClient(fed.backbone, learning_rate=1e-2)
+    dm = FederatedDataModule(**tiny_data_kwargs(num_clients=1, num_groups=1, tasks_per_group=1))
+    before = fed.backbone.bank.state("client")
+    L.Trainer(max_epochs=2, **fast_trainer_kwargs).fit(client, datamodule=dm)
+    after = fed.backbone.bank.state("client")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _fit(tmp_path, max_epochs: int, ckpt_path=None) -> Federation:
+    L.seed_everything(0, verbose=False)
+    fed = Federation(**tiny_federation_kwargs(lora_dropout=0.1))  # dropout: resume must restore the RNG too
+    dm = FederatedDataModule(**tiny_data_kwargs(sample_fraction=0.5))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=[ckpt], plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(fed, datamodule=dm, ckpt_path=ckpt_path)
+    return fed
+
+
+def test_resume_after_a_round_matches_an_uninterrupted_run(tmp_path) -> None:
+    full = _fit(tmp_path / "full", max_epochs=3)
+    _fit(tmp_path / "cut", max_epochs=1)
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert all("lora_" in k for k in checkpoint["state_dict"]), "checkpoint must not hold the frozen backbone"
+    resumed = _fit(tmp_path / "cut", max_epochs=3, ckpt_path=str(last))
+    full_state, resumed_state = _adapters(full), _adapters(resumed)
+    for key in full_state:
+        torch.testing.assert_close(resumed_state[key], full_state[key], rtol=0, atol=0)
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
