@@ -19,7 +19,7 @@ import torch
 
 from atlas_pl.algorithms.aggregation import fedavg
 from atlas_pl.client import SplitClient
-from atlas_pl.lora.adapters import LoraSpec
+from atlas_pl.lora.adapters import LoraSpec, validate_rank
 from atlas_pl.metrics import PerClientMean
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone
@@ -78,6 +78,7 @@ class Federation(L.LightningModule):
             raise ValueError(f"`aggregation` must be 'fedavg' or 'none', got {aggregation!r}")
         if server_adapters not in ("per_client", "per_cluster"):
             raise ValueError(f"`server_adapters` must be 'per_client' or 'per_cluster', got {server_adapters!r}")
+        validate_rank(lora_rank, "lora_rank")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
@@ -185,9 +186,10 @@ class Federation(L.LightningModule):
             weights = [self.num_examples[i] for i in active]
             kinds = ["client_adapter"] + (["server_adapter"] if self.hparams.server_adapters == "per_client" else [])
             for kind in kinds:
-                merged = fedavg([bank.state(getattr(self.clients[i], kind)) for i in active], weights)
+                merged = fedavg([self.backbone.adapter_state(getattr(self.clients[i], kind)) for i in active],
+                                weights)
                 for i in members:
-                    bank.load_state(getattr(self.clients[i], kind), merged)
+                    self.backbone.load_adapter_state(getattr(self.clients[i], kind), merged)
             for i in active:
                 nbytes = bank.nbytes(self.clients[i].client_adapter)
                 self.channel.send_adapters(nbytes, 0, client_idx=i)

@@ -106,3 +106,17 @@ def test_resume_after_a_round_matches_an_uninterrupted_run(tmp_path) -> None:
     for key in full_state:
         torch.testing.assert_close(resumed_state[key], full_state[key], rtol=0, atol=0)
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+
+
+def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs(
+        model="bert-tiny", model_overrides={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64},
+        task_format="classification", num_labels=4, server_adapters="per_client"))
+    dm = FederatedDataModule(**tiny_data_kwargs(task_format="classification"))
+    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    states = [fed.backbone.adapter_state(f"server_{i}") for i in range(4)]
+    assert any(k.startswith("head.") for k in states[0])
+    for state in states[1:]:
+        for key, value in state.items():
+            torch.testing.assert_close(value, states[0][key])
+    assert 0.0 <= fed.history[-1]["val_acc"] <= 1.0

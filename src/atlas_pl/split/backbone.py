@@ -124,6 +124,20 @@ class SplitBackbone(nn.Module):
             params += list(self.heads[name].parameters())
         return params
 
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Copy of adapter ``name``: its LoRA factors plus, for a server adapter of a classifier, its task head."""
+        state = self.bank.state(name)
+        if name in self.heads:
+            state.update({f"head.{k}": v.detach().clone() for k, v in self.heads[name].state_dict().items()})
+        return state
+
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`adapter_state` returned into adapter ``name`` (in place)."""
+        self.bank.load_state(name, state)
+        if name in self.heads:
+            self.heads[name].load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+
     def activate(self, client_adapter: str | None, server_adapter: str | None) -> None:
         self.bank.activate([n for n in (client_adapter, server_adapter) if n is not None])
 
