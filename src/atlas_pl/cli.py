@@ -1,8 +1,7 @@
 """The ``atlas-pl`` command: a ``LightningCLI`` over ``Federation`` and ``FederatedDataModule``.
 
-    atlas-pl fit --config configs/demo.yaml
-    atlas-pl fit --config configs/demo.yaml --print_config
-    atlas-pl fit --config configs/demo.yaml --ckpt_path last
+Examples: ``atlas-pl fit --config configs/demo.yaml`` (add ``--print_config`` to see every option, or
+``--ckpt_path last`` to resume).
 """
 
 from __future__ import annotations

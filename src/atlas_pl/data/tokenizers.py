@@ -74,7 +74,8 @@ def load_tokenizer(name: str = OFFLINE_GPT2) -> PreTrainedTokenizerBase:
     """Loads (and caches) a tokenizer by name.
 
     Args:
-        name: ``"gpt2-offline"`` for the offline GPT-2 tokenizer, otherwise a local folder or hub id understood by
+        name: ``"gpt2-offline"`` for the offline GPT-2 tokenizer, ``"smollm2-offline"`` / ``"minilm-offline"`` for
+            the offline pretrained packages, otherwise a local folder or hub id understood by
             ``AutoTokenizer.from_pretrained``.
 
     Returns:
@@ -88,7 +89,9 @@ def load_tokenizer(name: str = OFFLINE_GPT2) -> PreTrainedTokenizerBase:
         tok = _build_offline_gpt2()
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(name)
+            from atlas_pl.models import resolve_path  # offline package names resolve to their folders
+
+            tok = AutoTokenizer.from_pretrained(resolve_path(name))
         except Exception as exc:  # noqa: BLE001 - re-raised with a clearer message
             raise ValueError(
                 f"tokenizer={name!r} could not be loaded ({type(exc).__name__}: {exc}); fix: pass a local folder "

@@ -31,7 +31,8 @@ class ServerOutput:
 
     Attributes:
         loss: Mean loss over targets (answer tokens for causal LMs, examples for classification).
-        correct: Per-example bool: every answer token predicted (causal LM) or the class predicted (classification).
+        correct: Per-example bool: the first answer token (the label word) is the argmax over the whole vocabulary
+            (causal LM), or the class is predicted (classification).
         num_targets: Number of target tokens/examples the loss averages over.
     """
 
@@ -182,10 +183,13 @@ class SplitBackbone(nn.Module):
         logits = head(hidden[:, :-1][selected]).float()
         gold = targets[selected]
         loss = F.cross_entropy(logits, gold)
-        hits = (logits.argmax(-1) == gold).to(torch.long)
+        hits = logits.argmax(-1) == gold
         rows = selected.nonzero()[:, 0]
-        wrong = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device).index_add_(0, rows, 1 - hits)
-        return ServerOutput(loss=loss, correct=wrong == 0, num_targets=int(gold.numel()))
+        first = torch.ones_like(rows, dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]  # the first answer token of each example (the label word)
+        correct = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        correct[rows[first]] = hits[first]
+        return ServerOutput(loss=loss, correct=correct, num_targets=int(gold.numel()))
 
     def _classify(self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None) -> ServerOutput:
         pooled = get_submodule(self.model, self.arch.extra["pooler"])(hidden)

@@ -155,10 +155,10 @@ def get_arch(model: nn.Module) -> ArchSpec:
                 model.get_submodule(spec.blocks_path)
                 model.get_submodule(spec.head_path)
             except AttributeError as err:
+                loader = "AutoModelForCausalLM" if spec.task == "causal_lm" else "AutoModelForSequenceClassification"
                 raise ValueError(
                     f"model of type {model_type!r} ({type(model).__name__}) lacks `{spec.blocks_path}` or "
-                    f"`{spec.head_path}`: load it with the {'causal-LM' if spec.task == 'causal_lm' else 'sequence-classification'} "
-                    "head (AutoModelForCausalLM / AutoModelForSequenceClassification)"
+                    f"`{spec.head_path}`: load it with its head ({loader})"
                 ) from err
             return spec
     supported = sorted(t for s in ARCHITECTURES.values() for t in s.model_types)

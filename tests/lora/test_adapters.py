@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from atlas_pl.algorithms.aggregation import fedavg
+from atlas_pl.lora.adapters import LoraSpec
+from atlas_pl.models import load_model
+from atlas_pl.split.backbone import SplitBackbone, split_model
+
+TINY = {"n_layer": 3, "n_embd": 16, "n_head": 2, "vocab_size": 100}
+
+
+@pytest.fixture
+def backbone() -> SplitBackbone:
+    return SplitBackbone(load_model("gpt2-tiny", overrides=TINY), cut_layer=1, lora=LoraSpec(rank=2, alpha=4))
+
+
+def test_split_model_shares_blocks_without_copies() -> None:
+    model = load_model("gpt2-tiny", overrides=TINY)
+    client, server = split_model(model, 2)
+    assert len(client) == 2 and len(server) == 1
+    assert client[0] is model.transformer.h[0] and server[0] is model.transformer.h[2]
+
+
+def test_client_adapters_live_only_on_client_blocks(backbone) -> None:
+    backbone.add_client_adapter("c0")
+    backbone.add_server_adapter("s0", rank=3)
+    assert all(name.startswith("transformer.h.0.") for name in backbone.bank.ranks["c0"])
+    assert all(not name.startswith("transformer.h.0.") for name in backbone.bank.ranks["s0"])
+    assert set(backbone.bank.ranks["s0"].values()) == {3}
+
+
+def test_rank_pattern_sets_per_module_ranks(backbone) -> None:
+    backbone.add_client_adapter("c0", rank_pattern={"transformer.h.0.attn.c_attn": 5})
+    assert backbone.bank.ranks["c0"] == {"transformer.h.0.attn.c_attn": 5, "transformer.h.0.attn.c_proj": 2}
+
+
+def test_state_roundtrip_and_shape_mismatch(backbone) -> None:
+    backbone.add_client_adapter("x")
+    backbone.add_client_adapter("y", rank=3)
+    state = backbone.bank.state("x")
+    state = {k: torch.randn_like(v) for k, v in state.items()}
+    backbone.bank.load_state("x", state)
+    for key, value in backbone.bank.state("x").items():
+        torch.testing.assert_close(value, state[key])
+    with pytest.raises(ValueError, match="ranks differ"):
+        backbone.bank.load_state("y", state)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True])
+def test_bad_rank_is_rejected(backbone, rank) -> None:
+    with pytest.raises(ValueError, match="`rank` must be an int >= 1"):
+        backbone.add_client_adapter("c", rank=rank)
+
+
+def test_unknown_target_module_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="not found in a gpt2 block"):
+        SplitBackbone(load_model("gpt2-tiny", overrides=TINY), 1, LoraSpec(target_modules=["q_proj"]))
+
+
+def test_fedavg_matches_hand_computed_weighted_mean() -> None:
+    s1 = {"m.lora_A": torch.tensor([[1.0, 2.0]]), "m.lora_B": torch.tensor([[4.0]])}
+    s2 = {"m.lora_A": torch.tensor([[3.0, 6.0]]), "m.lora_B": torch.tensor([[0.0]])}
+    merged = fedavg([s1, s2], num_examples=[1, 3])  # weights 0.25, 0.75
+    torch.testing.assert_close(merged["m.lora_A"], torch.tensor([[2.5, 5.0]]))
+    torch.testing.assert_close(merged["m.lora_B"], torch.tensor([[1.0]]))
+
+
+def test_fedavg_rejects_unequal_ranks_and_empty_weights() -> None:
+    s1 = {"m.lora_A": torch.zeros(1, 2)}
+    s2 = {"m.lora_A": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="equal adapter shapes"):
+        fedavg([s1, s2], [1, 1])
+    with pytest.raises(ValueError, match="sum to 0"):
+        fedavg([s1], [0])
