@@ -19,6 +19,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 lint: venv

@@ -8,7 +8,7 @@ inside a ``Federation`` many of them share one backbone and the federation drive
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -98,7 +98,7 @@ class SplitClient(L.LightningModule):
                           client_adapter=self.client_adapter, server_adapter=self.server_adapter)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.run_split_step(batch, self.optimizers(), self.manual_backward)
+        out = self.run_split_step(batch, cast(list, self.optimizers()), self.manual_backward)
         self.log("train_loss", out.loss.detach(), prog_bar=True, batch_size=out.num_targets)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
@@ -30,7 +30,8 @@ ServerAdapters = Literal["per_client", "per_cluster"]
 
 def _numpy_state() -> tuple:
     """NumPy's global RNG state with the key array as a tensor (checkpoints load with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: Any = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = state
     return (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
 
 
@@ -80,6 +81,9 @@ class Federation(L.LightningModule):
             raise ValueError(f"`server_adapters` must be 'per_client' or 'per_cluster', got {server_adapters!r}")
         validate_rank(lora_rank, "lora_rank")
         self.save_hyperparameters()
+        self.aggregation = aggregation
+        self.server_adapters = server_adapters
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
         lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules)
@@ -100,13 +104,13 @@ class Federation(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ clients
     def server_adapter_name(self, client_idx: int) -> str:
-        if self.hparams.server_adapters == "per_client":
+        if self.server_adapters == "per_client":
             return f"server_{client_idx}"
         return f"server_c{self.cluster_ids[client_idx]}"
 
     def _make_client(self, idx: int) -> SplitClient:
         return SplitClient(self.backbone, client_adapter=f"client_{idx}", server_adapter=self.server_adapter_name(idx),
-                           learning_rate=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                           learning_rate=self.learning_rate, weight_decay=self.weight_decay,
                            channel=self.channel, client_idx=idx, owns_backbone=False)
 
     def setup(self, stage: str) -> None:
@@ -145,7 +149,7 @@ class Federation(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         idx = int(batch["client_idx"])
-        opts = self.optimizers()
+        opts = cast(list, self.optimizers())
         ci, si = self.optimizer_index(idx)
         out = self.clients[idx].run_split_step(batch, (opts[ci], opts[si]), self.manual_backward)
         self.train_loss.update(out.loss, idx, out.num_targets)
@@ -159,7 +163,7 @@ class Federation(L.LightningModule):
     def end_round(self) -> None:
         """Aggregate the round's adapters (unless a phase callback owns aggregation) and log the round."""
         participants = sorted(self._participants)
-        if self.hparams.aggregation == "fedavg" and participants:
+        if self.aggregation == "fedavg" and participants:
             self.aggregate(participants)
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats
@@ -184,7 +188,7 @@ class Federation(L.LightningModule):
             if not active:
                 continue
             weights = [self.num_examples[i] for i in active]
-            kinds = ["client_adapter"] + (["server_adapter"] if self.hparams.server_adapters == "per_client" else [])
+            kinds = ["client_adapter"] + (["server_adapter"] if self.server_adapters == "per_client" else [])
             for kind in kinds:
                 merged = fedavg([self.backbone.adapter_state(getattr(self.clients[i], kind)) for i in active],
                                 weights)

@@ -49,8 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
                         ) -> None:
-        if not isinstance(get_filesystem(path), LocalFileSystem):
-            return super().save_checkpoint(checkpoint, path, storage_options)
+        if not isinstance(get_filesystem(str(path)), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, str(path), storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(path, buffer.getvalue())

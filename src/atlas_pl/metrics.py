@@ -14,6 +14,8 @@ class PerClientMean(Metric):
     """
 
     full_state_update = False
+    total: torch.Tensor
+    weight: torch.Tensor
 
     def __init__(self, num_clients: int, **kwargs) -> None:
         super().__init__(**kwargs)

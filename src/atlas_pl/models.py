@@ -71,7 +71,7 @@ def smollm2_dir() -> Path:
     # The GGUF weights are dequantized to float32 on load; drop the quantizer so the copy saves as plain float32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     from transformers import AutoTokenizer

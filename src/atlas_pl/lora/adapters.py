@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -58,7 +59,7 @@ class AdapterBank:
         self.base = model
         self.fan_in_fan_out = fan_in_fan_out
         self.peft_model: PeftModel | None = None
-        self._layers: list[tuple[str, LoraLayer]] = []
+        self._layers: list[tuple[str, Any]] = []
         self.ranks: dict[str, dict[str, int]] = {}
 
     @property
@@ -78,7 +79,7 @@ class AdapterBank:
         for module, r in (rank_pattern or {}).items():
             validate_rank(r, f"rank_pattern[{module!r}]")
         config = LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(module_names),
+            r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float lora_dropout=dropout, target_modules=list(module_names),
             fan_in_fan_out=self.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
             alpha_pattern={m: alpha * r / rank for m, r in (rank_pattern or {}).items()},
         )
@@ -101,7 +102,7 @@ class AdapterBank:
         for _, layer in self._layers:
             layer._active_adapter = active  # peft's own storage of the active adapter names
 
-    def modules(self, name: str) -> list[tuple[str, LoraLayer]]:
+    def modules(self, name: str) -> list[tuple[str, Any]]:
         """``(module_name, layer)`` pairs holding adapter ``name``."""
         return [(n, m) for n, m in self._layers if name in m.lora_A]
 

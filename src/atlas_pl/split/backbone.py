@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def split_model(model: nn.Module, cut_layer: int) -> tuple[nn.ModuleList, nn.Mod
         ValueError: Unknown architecture or ``cut_layer`` outside ``[1, num_blocks - 1]``.
     """
     arch = get_arch(model)
-    blocks = model.get_submodule(arch.blocks_path)
+    blocks: Any = model.get_submodule(arch.blocks_path)
     validate_cut_layer(cut_layer, len(blocks))
     return nn.ModuleList(blocks[:cut_layer]), nn.ModuleList(blocks[cut_layer:])
 
@@ -75,7 +76,7 @@ class SplitBackbone(nn.Module):
         self.targets = tuple(self.lora.target_modules or self.arch.default_targets)
         self._check_targets(model)
         model.requires_grad_(False)
-        self.model = model
+        self.model: Any = model
         self.bank = AdapterBank(model, fan_in_fan_out=self.arch.fan_in_fan_out)
         self.heads = nn.ModuleDict()
         self.server_adapters: list[str] = []
@@ -147,7 +148,7 @@ class SplitBackbone(nn.Module):
         """Embeddings + blocks ``[0, cut_layer)``: the activations ``h`` sent over the cut."""
         hidden = self.arch.embed(self.model, input_ids)
         ctx = self.arch.context(self.model, hidden, attention_mask)
-        blocks = self.model.get_submodule(self.arch.blocks_path)
+        blocks: Any = self.model.get_submodule(self.arch.blocks_path)
         for block in blocks[: self.cut_layer]:
             hidden = self.arch.run_block(block, hidden, ctx)
         return hidden
@@ -155,7 +156,7 @@ class SplitBackbone(nn.Module):
     def server_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Blocks ``[cut_layer, L)`` + final norm."""
         ctx = self.arch.context(self.model, hidden, attention_mask)
-        blocks = self.model.get_submodule(self.arch.blocks_path)
+        blocks: Any = self.model.get_submodule(self.arch.blocks_path)
         for block in blocks[self.cut_layer:]:
             hidden = self.arch.run_block(block, hidden, ctx)
         norm = get_submodule(self.model, self.arch.final_norm_path)
@@ -194,8 +195,9 @@ class SplitBackbone(nn.Module):
     def _classify(self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None) -> ServerOutput:
         pooled = get_submodule(self.model, self.arch.extra["pooler"])(hidden)
         pooled = get_submodule(self.model, self.arch.extra["dropout"])(pooled)
-        head = self.heads[server_adapter] if server_adapter in self.heads else get_submodule(
-            self.model, self.arch.head_path)
+        head = get_submodule(self.model, self.arch.head_path)
+        if server_adapter is not None and server_adapter in self.heads:
+            head = self.heads[server_adapter]
         logits = head(pooled).float()
         loss = F.cross_entropy(logits, labels)
         return ServerOutput(loss=loss, correct=logits.argmax(-1) == labels, num_targets=int(labels.numel()))

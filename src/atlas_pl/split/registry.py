@@ -44,15 +44,15 @@ class ArchSpec:
     default_targets: tuple[str, ...]
     all_targets: tuple[str, ...]
     fan_in_fan_out: bool
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    context: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Any]]
-    run_block: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
+    embed: Callable[[Any, torch.Tensor], torch.Tensor]
+    context: Callable[[Any, torch.Tensor, torch.Tensor], dict[str, Any]]
+    run_block: Callable[[Any, torch.Tensor, dict[str, Any]], torch.Tensor]
     final_norm_path: str | None
     head_path: str
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def get_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
+def get_submodule(model: nn.Module, path: str | None) -> Any:
     """Return ``model.<path>`` or ``None`` when ``path`` is ``None``."""
     return None if path is None else model.get_submodule(path)
 
@@ -62,13 +62,13 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------------------------
-def _gpt2_embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def _gpt2_embed(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     t = model.transformer
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     return t.drop(t.wte(input_ids) + t.wpe(positions))
 
 
-def _causal_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+def _causal_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
     positions = _positions(hidden)
     mask = create_causal_mask(
         config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
@@ -76,22 +76,22 @@ def _causal_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torc
     return {"attention_mask": mask, "position_ids": positions}
 
 
-def _gpt2_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+def _gpt2_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     return block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
 
 
 # --- LLaMA family ---------------------------------------------------------------------------------------------
-def _llama_embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def _llama_embed(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return model.model.embed_tokens(input_ids)
 
 
-def _llama_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+def _llama_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
     ctx = _causal_context(model, hidden, attention_mask)
     ctx["position_embeddings"] = model.model.rotary_emb(hidden, position_ids=ctx["position_ids"])
     return ctx
 
 
-def _llama_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+def _llama_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     return block(
         hidden,
         attention_mask=ctx["attention_mask"],
@@ -101,16 +101,16 @@ def _llama_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) ->
 
 
 # --- BERT family ----------------------------------------------------------------------------------------------
-def _bert_embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def _bert_embed(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return model.bert.embeddings(input_ids=input_ids)
 
 
-def _bert_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+def _bert_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
     mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)
     return {"attention_mask": mask}
 
 
-def _bert_block(block: nn.Module, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+def _bert_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     return block(hidden, attention_mask=ctx["attention_mask"])
 
 
@@ -168,7 +168,7 @@ def get_arch(model: nn.Module) -> ArchSpec:
     )
 
 
-def num_blocks(model: nn.Module, arch: ArchSpec) -> int:
+def num_blocks(model: Any, arch: ArchSpec) -> int:
     """Number of transformer blocks of ``model``."""
     return len(model.get_submodule(arch.blocks_path))
 
