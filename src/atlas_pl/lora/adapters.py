@@ -79,7 +79,8 @@ class AdapterBank:
         for module, r in (rank_pattern or {}).items():
             validate_rank(r, f"rank_pattern[{module!r}]")
         config = LoraConfig(
-            r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float lora_dropout=dropout, target_modules=list(module_names),
+            r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+            lora_dropout=dropout, target_modules=list(module_names),
             fan_in_fan_out=self.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
             alpha_pattern={m: alpha * r / rank for m, r in (rank_pattern or {}).items()},
         )
@@ -89,8 +90,10 @@ class AdapterBank:
             self.peft_model.add_adapter(name, config)
         self._layers = [(n, m) for n, m in self.base.named_modules() if isinstance(m, LoraLayer)]
         self.ranks[name] = {n: int(m.r[name]) for n, m in self._layers if name in m.lora_A}
-        if not self.ranks[name]:
-            raise ValueError(f"adapter {name!r} matched no module; check `target_modules` ({module_names[:3]}...)")
+        unexpected = set(self.ranks[name]) ^ set(module_names)
+        if unexpected:
+            raise ValueError(f"adapter {name!r} should cover exactly {len(module_names)} modules, but differs on "
+                             f"{sorted(unexpected)[:3]}; check `target_modules`")
         for p in self.parameters(name):
             p.requires_grad_(True)
 
