@@ -175,8 +175,8 @@ class Federation(L.LightningModule):
             metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
         for k, v in self.train_loss.grouped(self.cluster_ids).items():
             metrics[f"train_loss/cluster_{k}"] = v
-        metrics["train_loss/epoch"] = self.train_loss.overall()
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+        metrics["train_loss/round"] = self.train_loss.overall()
+        self.log_round(metrics)
 
     @torch.no_grad()
     def aggregate(self, participants: list[int]) -> None:
@@ -199,6 +199,12 @@ class Federation(L.LightningModule):
                 self.channel.send_adapters(nbytes, 0, client_idx=i)
             for i in members:
                 self.channel.send_adapters(0, bank.nbytes(self.clients[i].client_adapter), client_idx=i)
+
+    def log_round(self, metrics: dict[str, float]) -> None:
+        """Log per-round metrics: to callbacks (``callback_metrics``) and to the loggers with ``step = round``."""
+        self.log_dict(metrics, logger=False, batch_size=1)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.current_epoch)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:
@@ -233,11 +239,12 @@ class Federation(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         metrics = self.evaluation_metrics("val")
-        self.log_dict(metrics, batch_size=1)
-        if self.trainer.state.fn == "fit":
-            self.history.append({"round": int(self.current_epoch), **metrics,
-                                 "bytes_up": self.channel.stats.bytes_up,
-                                 "bytes_down": self.channel.stats.bytes_down})
+        if self.trainer.state.fn != "fit":  # `atlas-pl validate`: Lightning prints and returns these
+            self.log_dict(metrics, batch_size=1)
+            return
+        self.log_round(metrics)
+        self.history.append({"round": int(self.current_epoch), **metrics,
+                             "bytes_up": self.channel.stats.bytes_up, "bytes_down": self.channel.stats.bytes_down})
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.evaluation_metrics("test"), batch_size=1)

@@ -38,7 +38,7 @@ def in_repo(monkeypatch) -> None:
     monkeypatch.chdir(Path(__file__).parents[2])
 
 
-def test_fit_writes_results_json_and_last_checkpoint(tmp_path, in_repo) -> None:
+def test_fit_resume_and_validate_from_the_last_checkpoint(tmp_path, in_repo, capsys) -> None:
     main(_demo_args(tmp_path, "--trainer.max_epochs", "2"))
     results = json.loads(next((tmp_path / "logs").rglob("results.json")).read_text())
     assert [h["round"] for h in results["history"]] == [0, 1]
@@ -47,6 +47,9 @@ def test_fit_writes_results_json_and_last_checkpoint(tmp_path, in_repo) -> None:
     main(_demo_args(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
     resumed = sorted((tmp_path / "logs").rglob("results.json"))[-1]
     assert [h["round"] for h in json.loads(resumed.read_text())["history"]] == [0, 1, 2]
+    validate = ["validate", *_demo_args(tmp_path)[1:], "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    main(validate)
+    assert "val_loss" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("override", "needle"), [
