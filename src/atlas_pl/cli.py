@@ -52,8 +52,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``atlas-pl`` console script (``args`` for programmatic use and tests)."""
     try:
-        AtlasCLI(Federation, FederatedDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+        AtlasCLI(
+            Federation,
+            FederatedDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
     except (ValueError, KeyError, FileNotFoundError) as err:
         if os.environ.get("ATLAS_PL_DEBUG"):
             traceback.print_exc()

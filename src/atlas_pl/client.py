@@ -33,9 +33,17 @@ class SplitClient(L.LightningModule):
             backbone is not registered (and checkpointed) once per client.
     """
 
-    def __init__(self, backbone: SplitBackbone, client_adapter: str = "client", server_adapter: str = "server",
-                 learning_rate: float = 1e-3, weight_decay: float = 0.0, channel: Channel | None = None,
-                 client_idx: int = 0, owns_backbone: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: SplitBackbone,
+        client_adapter: str = "client",
+        server_adapter: str = "server",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        channel: Channel | None = None,
+        client_idx: int = 0,
+        owns_backbone: bool = True,
+    ) -> None:
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}")
@@ -73,8 +81,7 @@ class SplitClient(L.LightningModule):
         return [self.client_optimizer(), self.server_optimizer()]
 
     # ------------------------------------------------------------------------------------------ steps
-    def run_split_step(self, batch: dict, optimizers: Sequence[Any], backward: Backward | None = None
-                       ) -> ServerOutput:
+    def run_split_step(self, batch: dict, optimizers: Sequence[Any], backward: Backward | None = None) -> ServerOutput:
         """One split step followed by the client and server optimizer steps.
 
         Args:
@@ -85,8 +92,15 @@ class SplitClient(L.LightningModule):
         client_opt, server_opt = optimizers
         client_opt.zero_grad(set_to_none=True)
         server_opt.zero_grad(set_to_none=True)
-        out = split_forward_backward(self.split, self.channel, batch, self.client_adapter, self.server_adapter,
-                                     backward=backward, client_idx=self.client_idx)
+        out = split_forward_backward(
+            self.split,
+            self.channel,
+            batch,
+            self.client_adapter,
+            self.server_adapter,
+            backward=backward,
+            client_idx=self.client_idx,
+        )
         server_opt.step()
         client_opt.step()
         return out
@@ -94,8 +108,13 @@ class SplitClient(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, batch: dict) -> ServerOutput:
         """Loss and per-example correctness with this client's adapters (no gradient, nothing sent)."""
-        return self.split(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                          client_adapter=self.client_adapter, server_adapter=self.server_adapter)
+        return self.split(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            client_adapter=self.client_adapter,
+            server_adapter=self.server_adapter,
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         out = self.run_split_step(batch, cast(list, self.optimizers()), self.manual_backward)

@@ -65,13 +65,25 @@ class Federation(L.LightningModule):
         dtype: Dtype of the frozen backbone.
     """
 
-    def __init__(self, model: str = "gpt2-tiny", model_overrides: dict[str, Any] | None = None,
-                 task_format: Literal["causal_lm", "classification"] = "causal_lm", num_labels: int = 2,
-                 num_clients: int = 9, cut_layer: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
-                 lora_dropout: float = 0.0, target_modules: list[str] | None = None, learning_rate: float = 1e-3,
-                 weight_decay: float = 0.0, aggregation: Literal["fedavg", "none"] = "fedavg",
-                 server_adapters: ServerAdapters = "per_cluster", compression: Compression = "none",
-                 dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+    def __init__(
+        self,
+        model: str = "gpt2-tiny",
+        model_overrides: dict[str, Any] | None = None,
+        task_format: Literal["causal_lm", "classification"] = "causal_lm",
+        num_labels: int = 2,
+        num_clients: int = 9,
+        cut_layer: int = 1,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        aggregation: Literal["fedavg", "none"] = "fedavg",
+        server_adapters: ServerAdapters = "per_cluster",
+        compression: Compression = "none",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}")
@@ -109,22 +121,33 @@ class Federation(L.LightningModule):
         return f"server_c{self.cluster_ids[client_idx]}"
 
     def _make_client(self, idx: int) -> SplitClient:
-        return SplitClient(self.backbone, client_adapter=f"client_{idx}", server_adapter=self.server_adapter_name(idx),
-                           learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                           channel=self.channel, client_idx=idx, owns_backbone=False)
+        return SplitClient(
+            self.backbone,
+            client_adapter=f"client_{idx}",
+            server_adapter=self.server_adapter_name(idx),
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            channel=self.channel,
+            client_idx=idx,
+            owns_backbone=False,
+        )
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "num_examples"):
             return
         if getattr(dm, "num_clients", self.num_clients) != self.num_clients:
-            raise ValueError(f"`model.num_clients` ({self.num_clients}) differs from `data.num_clients` "
-                             f"({dm.num_clients}); set both to the same value")
+            raise ValueError(
+                f"`model.num_clients` ({self.num_clients}) differs from `data.num_clients` "
+                f"({dm.num_clients}); set both to the same value"
+            )
         counts = list(dm.num_examples)
         empty = [i for i, n in enumerate(counts) if n < 1]
         if empty:
-            raise ValueError(f"client(s) {empty} have no training examples; give every client data "
-                             "(more examples per task, or fewer clients)")
+            raise ValueError(
+                f"client(s) {empty} have no training examples; give every client data "
+                "(more examples per task, or fewer clients)"
+            )
         self.num_examples = counts
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -167,9 +190,12 @@ class Federation(L.LightningModule):
             self.aggregate(participants)
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats
-        metrics = {"comm/bytes_up": float(stats.bytes_up - up0), "comm/bytes_down": float(stats.bytes_down - down0),
-                   "round/participants": float(len(participants)),
-                   "round/seconds": time.perf_counter() - self._round_start_time}
+        metrics = {
+            "comm/bytes_up": float(stats.bytes_up - up0),
+            "comm/bytes_down": float(stats.bytes_down - down0),
+            "round/participants": float(len(participants)),
+            "round/seconds": time.perf_counter() - self._round_start_time,
+        }
         losses = self.train_loss.compute()
         for i in participants:
             metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
@@ -190,8 +216,7 @@ class Federation(L.LightningModule):
             weights = [self.num_examples[i] for i in active]
             kinds = ["client_adapter"] + (["server_adapter"] if self.server_adapters == "per_client" else [])
             for kind in kinds:
-                merged = fedavg([self.backbone.adapter_state(getattr(self.clients[i], kind)) for i in active],
-                                weights)
+                merged = fedavg([self.backbone.adapter_state(getattr(self.clients[i], kind)) for i in active], weights)
                 for i in members:
                     self.backbone.load_adapter_state(getattr(self.clients[i], kind), merged)
             for i in active:
@@ -243,8 +268,14 @@ class Federation(L.LightningModule):
             self.log_dict(metrics, batch_size=1)
             return
         self.log_round(metrics)
-        self.history.append({"round": int(self.current_epoch), **metrics,
-                             "bytes_up": self.channel.stats.bytes_up, "bytes_down": self.channel.stats.bytes_down})
+        self.history.append(
+            {
+                "round": int(self.current_epoch),
+                **metrics,
+                "bytes_up": self.channel.stats.bytes_up,
+                "bytes_down": self.channel.stats.bytes_down,
+            }
+        )
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.evaluation_metrics("test"), batch_size=1)
@@ -257,18 +288,26 @@ class Federation(L.LightningModule):
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["federation"] = {
-            "cluster_ids": list(self.cluster_ids), "num_examples": list(self.num_examples),
-            "history": self.history, "channel": self.channel.stats.state_dict(),
+            "cluster_ids": list(self.cluster_ids),
+            "num_examples": list(self.num_examples),
+            "history": self.history,
+            "channel": self.channel.stats.state_dict(),
             "adapter_ranks": {n: dict(r) for n, r in self.backbone.bank.ranks.items()},
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} adapter tensors (first: {missing[0]}); it was written "
-                             "by a federation with other clients, ranks or cut layer: resume with the same config")
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} adapter tensors (first: {missing[0]}); it was written "
+                "by a federation with other clients, ranks or cut layer: resume with the same config"
+            )
         state = checkpoint.get("federation", {})
         self.cluster_ids = list(state.get("cluster_ids", self.cluster_ids))
         self.num_examples = list(state.get("num_examples", self.num_examples))

@@ -47,8 +47,7 @@ def _jsonable(value: Any) -> Any:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes to a temporary file and renames it into place (local paths)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
-                        ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if not isinstance(get_filesystem(str(path)), LocalFileSystem):
             return super().save_checkpoint(checkpoint, str(path), storage_options)
         buffer = io.BytesIO()

@@ -37,15 +37,37 @@ GPT2_VOCAB = 50257
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _CONFIG_MODELS: dict[str, tuple[type, type, dict[str, Any]]] = {
-    "gpt2-tiny": (GPT2Config, GPT2LMHeadModel, dict(n_layer=4, n_embd=128, n_head=4, n_positions=256,
-                                                    vocab_size=GPT2_VOCAB)),
+    "gpt2-tiny": (
+        GPT2Config,
+        GPT2LMHeadModel,
+        dict(n_layer=4, n_embd=128, n_head=4, n_positions=256, vocab_size=GPT2_VOCAB),
+    ),
     "gpt2-small-shape": (GPT2Config, GPT2LMHeadModel, dict(vocab_size=GPT2_VOCAB)),
-    "llama-tiny": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                                                       num_attention_heads=4, num_key_value_heads=2,
-                                                       vocab_size=GPT2_VOCAB, max_position_embeddings=256)),
-    "bert-tiny": (BertConfig, BertForSequenceClassification, dict(num_hidden_layers=4, hidden_size=64,
-                                                                  intermediate_size=128, num_attention_heads=4,
-                                                                  vocab_size=GPT2_VOCAB, max_position_embeddings=256)),
+    "llama-tiny": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=GPT2_VOCAB,
+            max_position_embeddings=256,
+        ),
+    ),
+    "bert-tiny": (
+        BertConfig,
+        BertForSequenceClassification,
+        dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            vocab_size=GPT2_VOCAB,
+            max_position_embeddings=256,
+        ),
+    ),
 }
 
 
@@ -98,8 +120,13 @@ def resolve_path(name: str) -> str:
     return name
 
 
-def load_model(name: str, task_format: TaskFormat = "causal_lm", num_labels: int = 2,
-               overrides: dict[str, Any] | None = None, dtype: str = "float32") -> nn.Module:
+def load_model(
+    name: str,
+    task_format: TaskFormat = "causal_lm",
+    num_labels: int = 2,
+    overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+) -> nn.Module:
     """Build or load the base model.
 
     Args:

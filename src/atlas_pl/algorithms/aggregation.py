@@ -45,8 +45,10 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[flo
         tensors = [s[key] for s in states]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) != 1 or any(set(s) != set(keys) for s in states):
-            raise ValueError(f"fedavg needs equal adapter shapes; {key} has shapes {sorted(shapes)}. Use exact "
-                             "aggregation for heterogeneous ranks")
+            raise ValueError(
+                f"fedavg needs equal adapter shapes; {key} has shapes {sorted(shapes)}. Use exact "
+                "aggregation for heterogeneous ranks"
+            )
         acc = torch.zeros_like(tensors[0], dtype=torch.float64)
         for w, t in zip(weights, tensors):
             acc += w * t.to(torch.float64)

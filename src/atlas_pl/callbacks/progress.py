@@ -16,8 +16,9 @@ class FederatedProgress(RichProgressBar):
         text = f"Round {current_epoch + 1}" + (f"/{total}" if total and total > 0 else "")
         return f"{text:{len(self.validation_description)}}"
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         client = batch.get("client_idx") if isinstance(batch, dict) else None
         if self.progress is not None and self.train_progress_bar_id is not None and client is not None:

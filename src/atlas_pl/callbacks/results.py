@@ -9,8 +9,34 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from rich.console import Console
+from rich.table import Table
 
 from atlas_pl.io import atomic_write_json
+
+
+def summary_table(history: list[dict[str, Any]]) -> Table:
+    """A rich table with one row per round: validation loss/accuracy per cluster and cumulative traffic."""
+    clusters = sorted({k.split("/", 1)[1] for row in history for k in row if k.startswith("val_loss/cluster_")})
+    table = Table(title="federated rounds", title_justify="left")
+    table.add_column("round", justify="right")
+    for c in clusters:
+        table.add_column(f"val loss {c}", justify="right")
+        table.add_column(f"val acc {c}", justify="right")
+    table.add_column("total MB up", justify="right")
+    table.add_column("total MB down", justify="right")
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for row in history:
+        cells = [str(row.get("round", "?"))]
+        for c in clusters:
+            cells += [fmt(row.get(f"val_loss/{c}"), ".3f"), fmt(row.get(f"val_acc/{c}"), ".3f")]
+        up, down = row.get("bytes_up"), row.get("bytes_down")
+        cells += [fmt(None if up is None else up / 1e6, ".1f"), fmt(None if down is None else down / 1e6, ".1f")]
+        table.add_row(*cells)
+    return table
 
 
 class FederatedResults(Callback):
@@ -18,12 +44,14 @@ class FederatedResults(Callback):
 
     Args:
         filename: File name inside ``trainer.log_dir`` (or ``default_root_dir`` without a logger).
+        summary: Also print a per-round table (validation loss/accuracy per cluster, traffic) at the end of fit.
     """
 
-    def __init__(self, filename: str = "results.json") -> None:
+    def __init__(self, filename: str = "results.json", summary: bool = True) -> None:
         if not filename.endswith(".json"):
             raise ValueError(f"`filename` must end with .json, got {filename!r}")
         self.filename = filename
+        self.summary = summary
         self._start = 0.0
         self.path: Path | None = None
 
@@ -34,7 +62,10 @@ class FederatedResults(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = folder / self.filename
-        atomic_write_json(self.path, self.collect(trainer, pl_module))
+        results = self.collect(trainer, pl_module)
+        atomic_write_json(self.path, results)
+        if self.summary and results["history"]:
+            Console(stderr=True).print(summary_table(results["history"]))
         rank_zero_info(f"results written to {self.path}")
 
     def collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

@@ -66,8 +66,15 @@ class AdapterBank:
     def names(self) -> list[str]:
         return list(self.ranks)
 
-    def add(self, name: str, module_names: list[str], rank: int, alpha: float, dropout: float = 0.0,
-            rank_pattern: dict[str, int] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        module_names: list[str],
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rank_pattern: dict[str, int] | None = None,
+    ) -> None:
         """Add adapter ``name`` on ``module_names`` (full names) with default ``rank`` and optional per-module ranks.
 
         Raises:
@@ -79,9 +86,12 @@ class AdapterBank:
         for module, r in (rank_pattern or {}).items():
             validate_rank(r, f"rank_pattern[{module!r}]")
         config = LoraConfig(
-            r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
-            lora_dropout=dropout, target_modules=list(module_names),
-            fan_in_fan_out=self.fan_in_fan_out, rank_pattern=dict(rank_pattern or {}),
+            r=rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+            lora_dropout=dropout,
+            target_modules=list(module_names),
+            fan_in_fan_out=self.fan_in_fan_out,
+            rank_pattern=dict(rank_pattern or {}),
             alpha_pattern={m: alpha * r / rank for m, r in (rank_pattern or {}).items()},
         )
         if self.peft_model is None:
@@ -92,8 +102,10 @@ class AdapterBank:
         self.ranks[name] = {n: int(m.r[name]) for n, m in self._layers if name in m.lora_A}
         unexpected = set(self.ranks[name]) ^ set(module_names)
         if unexpected:
-            raise ValueError(f"adapter {name!r} should cover exactly {len(module_names)} modules, but differs on "
-                             f"{sorted(unexpected)[:3]}; check `target_modules`")
+            raise ValueError(
+                f"adapter {name!r} should cover exactly {len(module_names)} modules, but differs on "
+                f"{sorted(unexpected)[:3]}; check `target_modules`"
+            )
         for p in self.parameters(name):
             p.requires_grad_(True)
 
@@ -118,8 +130,9 @@ class AdapterBank:
 
     def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """Per module: ``(A [r×d_in], B [d_out×r], scaling)`` of adapter ``name`` (live tensors, not copies)."""
-        return {n: (m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]))
-                for n, m in self.modules(name)}
+        return {
+            n: (m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])) for n, m in self.modules(name)
+        }
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         """A detached copy of adapter ``name``: ``{"<module>.lora_A": A, "<module>.lora_B": B}``."""
@@ -141,8 +154,10 @@ class AdapterBank:
             for key, param in ((f"{module}.lora_A", a), (f"{module}.lora_B", b)):
                 value = state[key]
                 if value.shape != param.shape:
-                    raise ValueError(f"adapter {name!r}: {key} has shape {tuple(value.shape)}, expected "
-                                     f"{tuple(param.shape)}; ranks differ, re-decompose before loading")
+                    raise ValueError(
+                        f"adapter {name!r}: {key} has shape {tuple(value.shape)}, expected "
+                        f"{tuple(param.shape)}; ranks differ, re-decompose before loading"
+                    )
                 param.copy_(value)
 
     def nbytes(self, name: str) -> int:

@@ -87,8 +87,10 @@ class SplitBackbone(nn.Module):
         names = {n for n, _ in block0.named_modules()}
         missing = [t for t in self.targets if t not in names]
         if missing:
-            raise ValueError(f"`target_modules` {missing} not found in a {self.arch.name} block; "
-                             f"choose among {list(self.arch.all_targets)}")
+            raise ValueError(
+                f"`target_modules` {missing} not found in a {self.arch.name} block; "
+                f"choose among {list(self.arch.all_targets)}"
+            )
 
     @property
     def task(self) -> str:
@@ -101,16 +103,18 @@ class SplitBackbone(nn.Module):
         return block_module_names(self.arch, self.targets, range(self.cut_layer, self.num_layers))
 
     # ----------------------------------------------------------------------------------------- adapters
-    def add_client_adapter(self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
-                           ) -> None:
+    def add_client_adapter(
+        self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
+    ) -> None:
         """Add a LoRA adapter named ``name`` on the client half."""
         rank = self.lora.rank if rank is None else rank
         validate_rank(rank)
         self.bank.add(name, self.client_module_names(), rank, self.lora.alpha, self.lora.dropout, rank_pattern)
         self.client_adapters.append(name)
 
-    def add_server_adapter(self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
-                           ) -> None:
+    def add_server_adapter(
+        self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
+    ) -> None:
         """Add a LoRA adapter named ``name`` on the server half (plus a trainable task head for classifiers)."""
         rank = self.lora.rank if rank is None else rank
         validate_rank(rank)
@@ -157,13 +161,18 @@ class SplitBackbone(nn.Module):
         """Blocks ``[cut_layer, L)`` + final norm."""
         ctx = self.arch.context(self.model, hidden, attention_mask)
         blocks: Any = self.model.get_submodule(self.arch.blocks_path)
-        for block in blocks[self.cut_layer:]:
+        for block in blocks[self.cut_layer :]:
             hidden = self.arch.run_block(block, hidden, ctx)
         norm = get_submodule(self.model, self.arch.final_norm_path)
         return hidden if norm is None else norm(hidden)
 
-    def server_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                       server_adapter: str | None = None) -> ServerOutput:
+    def server_forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        server_adapter: str | None = None,
+    ) -> ServerOutput:
         """Server half, head and loss.
 
         Causal LMs: ``labels`` are aligned with the input (``-100`` = ignore); logits are computed only at the shifted
@@ -178,8 +187,10 @@ class SplitBackbone(nn.Module):
         targets = labels[:, 1:]
         selected = targets != -100
         if not bool(selected.any()):
-            raise ValueError("batch has no answer tokens (all labels are -100); check the prompt template and "
-                             "max_length so the answer is not truncated")
+            raise ValueError(
+                "batch has no answer tokens (all labels are -100); check the prompt template and "
+                "max_length so the answer is not truncated"
+            )
         head = get_submodule(self.model, self.arch.head_path)
         logits = head(hidden[:, :-1][selected]).float()
         gold = targets[selected]
@@ -202,8 +213,14 @@ class SplitBackbone(nn.Module):
         loss = F.cross_entropy(logits, labels)
         return ServerOutput(loss=loss, correct=logits.argmax(-1) == labels, num_targets=int(labels.numel()))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                client_adapter: str | None = None, server_adapter: str | None = None) -> ServerOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        client_adapter: str | None = None,
+        server_adapter: str | None = None,
+    ) -> ServerOutput:
         """Both halves in one call (evaluation, and the monolithic reference of a split step)."""
         self.activate(client_adapter, server_adapter)
         hidden = self.client_forward(input_ids, attention_mask)

@@ -39,10 +39,14 @@ class ChannelStats:
 
     def as_dict(self) -> dict[str, int]:
         return {
-            "activations_up": self.activations_up, "metadata_up": self.metadata_up,
-            "gradients_down": self.gradients_down, "adapters_up": self.adapters_up,
-            "adapters_down": self.adapters_down, "messages": self.messages,
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "activations_up": self.activations_up,
+            "metadata_up": self.metadata_up,
+            "gradients_down": self.gradients_down,
+            "adapters_up": self.adapters_up,
+            "adapters_down": self.adapters_down,
+            "messages": self.messages,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
         }
 
     def state_dict(self) -> dict:
@@ -98,8 +102,9 @@ class Channel:
         if down:
             self.stats.per_client_down[client_idx] = self.stats.per_client_down.get(client_idx, 0) + down
 
-    def send_activations(self, hidden: torch.Tensor, metadata: dict[str, torch.Tensor], client_idx: int = 0
-                         ) -> torch.Tensor:
+    def send_activations(
+        self, hidden: torch.Tensor, metadata: dict[str, torch.Tensor], client_idx: int = 0
+    ) -> torch.Tensor:
         """Client → server: the cut activations plus the metadata the server needs (mask, labels).
 
         Returns:

@@ -16,9 +16,15 @@ def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def split_forward_backward(backbone: SplitBackbone, channel: Channel, batch: dict, client_adapter: str,
-                           server_adapter: str, backward: Backward | None = None, client_idx: int = 0
-                           ) -> ServerOutput:
+def split_forward_backward(
+    backbone: SplitBackbone,
+    channel: Channel,
+    batch: dict,
+    client_adapter: str,
+    server_adapter: str,
+    backward: Backward | None = None,
+    client_idx: int = 0,
+) -> ServerOutput:
     """Run one split step up to (not including) the optimizer steps; gradients land in the two adapters.
 
     1. client: embeddings + blocks ``[0, cut)`` with ``client_adapter`` → ``h``;
