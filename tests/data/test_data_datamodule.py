@@ -47,7 +47,8 @@ def test_train_dataloader_yields_single_client_causal_batches(small_datamodule):
     batches = list(dl)
     assert len(batches) == len(dl) == dm.num_clients * dm.local_steps
     b = batches[0]
-    assert set(b) == {"input_ids", "attention_mask", "labels", "label", "client_idx"}
+    assert set(b) == {"input_ids", "attention_mask", "labels", "label", "client_idx", "task_id"}
+    assert b["task_id"] == dm.client_task_ids[b["client_idx"]]
     assert b["input_ids"].shape == b["attention_mask"].shape == b["labels"].shape
     assert b["input_ids"].shape[0] == dm.batch_size and b["input_ids"].shape[1] <= dm.max_length
     assert b["label"].shape == (dm.batch_size,)

@@ -1,4 +1,4 @@
-"""Lightning DataModule that partitions grouped synthetic tasks over federated clients."""
+"""Lightning DataModule that spreads tasks (synthetic, local folders, files, hub datasets) over federated clients."""
 
 from __future__ import annotations
 
@@ -7,15 +7,24 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from atlas_pl.data.formats import collate, encode_causal_lm, encode_classification
+from atlas_pl.data.encoding import encode_split, verbalizer_ids
+from atlas_pl.data.formats import collate
+from atlas_pl.data.partition import ClientSplit, assign_clients, split_eval, split_task
 from atlas_pl.data.sampling import ClientChunkBatchSampler, RoundBatchSampler, sample_clients
-from atlas_pl.data.synthetic import GROUPS, Example, Task, make_synthetic_tasks
+from atlas_pl.data.sources import load_tasks
+from atlas_pl.data.synthetic import GROUPS
+from atlas_pl.data.table import save_table
+from atlas_pl.data.tasks import Task, TaskInfo, TaskSpec
 from atlas_pl.data.tokenizers import load_tokenizer
 
 __all__ = ["FederatedDataModule"]
+
+_MIN_EXAMPLES = 2
+"""Fewest examples a client's share may hold (one for training, one for validation)."""
 
 
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -31,33 +40,68 @@ def _offsets(sizes: list[int]) -> list[int]:
     return offsets
 
 
+def _stride_splits(task: Task, num_clients: int, stride: int) -> tuple[list[ClientSplit], list[np.ndarray]]:
+    """The original synthetic layout: share ``k`` of a task is every ``stride``-th example from ``k``."""
+    n_train, n_val = len(task.train), len(task.validation)
+    splits = [ClientSplit(np.arange(k, n_train, stride), np.arange(k, n_val, stride)) for k in range(num_clients)]
+    return splits, [s.val for s in splits]
+
+
 class FederatedDataModule(L.LightningDataModule):
-    """Federated data: grouped synthetic tasks, one task per client, one Lightning epoch per federated round.
+    """Federated data: tasks spread over clients (one task per client), one Lightning epoch per federated round.
 
-    Client ``i`` is assigned task ``i % num_tasks`` (``num_tasks = num_groups * tasks_per_group``, ordered
-    ``sentiment_0, sentiment_1, ..., topic_0, ...``). Clients sharing a task receive disjoint shares of its
-    examples. Training batches come from :class:`~atlas_pl.data.sampling.RoundBatchSampler` (each batch holds one
-    client's examples; ``local_steps`` batches per sampled client per round); validation batches walk every
-    client's validation examples in client order without mixing clients.
+    ``tasks=None`` uses the grouped synthetic tasks (``num_groups * tasks_per_group`` of them, ordered
+    ``sentiment_0, sentiment_1, ..., topic_0, ...``); with the default partition settings client ``i`` gets task
+    ``i % num_tasks`` and the clients of a task get disjoint stride shares of its train and validation splits, exactly
+    as in earlier versions. A ``tasks`` list (folder names under ``data_dir``, ``"synthetic"``, or dicts, see
+    :class:`~atlas_pl.data.tasks.TaskSpec`) goes through the general partitioner
+    (:mod:`atlas_pl.data.partition`): clients per task round-robin (or ``clients_per_task``), a task's train split
+    divided among its clients (``iid`` or ``dirichlet`` label skew, optional quantity skew), each share split into
+    train/validation by ``val_fraction``, and the task's test split (validation if none) dealt among its clients.
 
-    For multi-GPU (DDP) runs, construct the Trainer with ``use_distributed_sampler=False``; sharding of the round's
-    clients across ranks is done by the batch sampler itself.
+    Training batches come from :class:`~atlas_pl.data.sampling.RoundBatchSampler` (each batch holds one client's
+    examples; ``local_steps`` batches per sampled client per round); validation and test batches walk every client's
+    examples in client order without mixing clients. For multi-GPU (DDP) runs, construct the Trainer with
+    ``use_distributed_sampler=False``; the batch sampler shards the round's clients across ranks itself.
+
+    After :meth:`setup`: ``tasks`` (:class:`~atlas_pl.data.tasks.TaskInfo` per ``task_id``), ``verbalizer_ids``
+    (per task, per label: the answer ids incl. EOS the causal-LM encoder appends; ``[]`` for generative tasks),
+    ``client_task_ids``, ``client_tasks``, ``client_groups``, ``num_examples``, ``num_val_examples``,
+    ``num_test_examples``, ``num_labels`` (max over tasks), ``label_words`` (task name -> words), ``tokenizer``,
+    ``pad_id``. Each encoded example has ``input_ids``, ``labels``, ``label``, ``task_id``, ``client_idx``, ``task``
+    and, for generative tasks, ``target``.
 
     Args:
         num_clients: Number of federated clients (>= 1).
         tokenizer: Tokenizer name: ``"gpt2-offline"`` (GPT-2 BPE, no download) or a local HF tokenizer folder / hub id.
-        task_format: ``"causal_lm"`` (prompt + verbalizer answer word, loss on the answer only) or
-            ``"classification"`` (encoder input ids + integer label).
-        num_groups: Number of task groups, in ``[1, 6]``.
-        tasks_per_group: Tasks per group (>= 1); tasks in a group share the rule and label words.
-        examples_per_client: Examples generated per client (train + validation, before the split).
-        val_fraction: Fraction of each task's examples held out for validation, in ``(0, 1)``.
+        task_format: ``"causal_lm"`` (prompt + answer, loss on the answer only) or ``"classification"`` (encoder
+            input ids + integer label; classification tasks only).
+        num_groups: Synthetic task groups, in ``[1, 6]``.
+        tasks_per_group: Synthetic tasks per group (>= 1); tasks in a group share the rule and label words.
+        examples_per_client: Synthetic examples generated per client (train + validation, before the split).
+        val_fraction: Fraction held out for validation (of each synthetic task; of each client's share otherwise),
+            in ``(0, 1)``.
         max_length: Maximum sequence length in tokens (prompt + answer + EOS for causal LM).
-        batch_size: Batch size for training and validation (>= 1).
+        batch_size: Batch size for training, validation and test (>= 1).
         local_steps: Local optimisation steps (batches) per sampled client per round (>= 1).
         sample_fraction: Fraction of clients sampled per round, in ``(0, 1]``.
-        prompt_template: Causal-LM prompt template containing ``{text}``.
-        seed: Non-negative seed for data generation and client/batch sampling.
+        prompt_template: Prompt of single-text classification tasks without their own template; contains ``{text}``.
+        seed: Non-negative seed for data generation, partitioning and client/batch sampling.
+        tasks: Task specs (``None``: the synthetic tasks). A string is a folder name under ``data_dir`` or
+            ``"synthetic"``; a dict has the fields of :class:`~atlas_pl.data.tasks.TaskSpec` (``name``, ``source``,
+            ``path``, ``hf_config``, columns, ``label_names``, ``label_words``, ``template``, ``kind``, ``group``,
+            ``max_train_examples``, ...).
+        data_dir: Folder holding task folders in the normalized JSONL format.
+        clients_per_task: Clients per task (an int, or one int per task); must sum to ``num_clients``. ``None``:
+            client ``c`` gets task ``c % num_tasks``.
+        partition: ``"iid"`` or ``"dirichlet"`` (per class, proportions ``~ Dir(dirichlet_alpha)`` over the task's
+            clients).
+        dirichlet_alpha: Dirichlet concentration (> 0); smaller is more label skew.
+        quantity_skew: Lognormal sigma of client share sizes (0: equal shares).
+        max_examples_per_client: Cap on each client's share (train + validation) after partitioning.
+        max_eval_examples_per_client: Cap on each client's validation and test examples.
+        max_target_length: Maximum answer tokens (before EOS) of generative tasks.
+        cache_dir: ``datasets`` cache folder for loaded files and cached tokenization (``None``: HF datasets cache).
     """
 
     def __init__(
@@ -75,6 +119,16 @@ class FederatedDataModule(L.LightningDataModule):
         sample_fraction: float = 1.0,
         prompt_template: str = "{text}\nAnswer:",
         seed: int = 0,
+        tasks: list[str | dict[str, Any]] | None = None,
+        data_dir: str | None = None,
+        clients_per_task: int | list[int] | None = None,
+        partition: Literal["iid", "dirichlet"] = "iid",
+        dirichlet_alpha: float = 0.5,
+        quantity_skew: float = 0.0,
+        max_examples_per_client: int | None = None,
+        max_eval_examples_per_client: int | None = None,
+        max_target_length: int = 64,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         _check(num_clients >= 1, "num_clients", num_clients, "pass num_clients >= 1")
@@ -94,12 +148,28 @@ class FederatedDataModule(L.LightningDataModule):
         _check(0.0 < sample_fraction <= 1.0, "sample_fraction", sample_fraction, "pass a value in (0, 1]")
         _check("{text}" in prompt_template, "prompt_template", prompt_template, "include the '{text}' placeholder")
         _check(seed >= 0, "seed", seed, "pass a non-negative seed")
-        clients_per_task = -(-num_clients // (num_groups * tasks_per_group))
+        _check(partition in ("iid", "dirichlet"), "partition", partition, "use 'iid' or 'dirichlet'")
+        _check(dirichlet_alpha > 0, "dirichlet_alpha", dirichlet_alpha, "pass a positive value, e.g. 0.5")
+        _check(quantity_skew >= 0, "quantity_skew", quantity_skew, "pass a value >= 0 (0: equal shares)")
+        for name, cap in (
+            ("max_examples_per_client", max_examples_per_client),
+            ("max_eval_examples_per_client", max_eval_examples_per_client),
+        ):
+            _check(cap is None or cap >= _MIN_EXAMPLES, name, cap, f"pass null or an int >= {_MIN_EXAMPLES}")
+        _check(max_target_length >= 1, "max_target_length", max_target_length, "pass max_target_length >= 1")
+        _check(tasks is None or len(tasks) > 0, "tasks", tasks, "list at least one task, or leave tasks unset")
+        specs = [TaskSpec.parse(t) for t in tasks or []]  # validates spec keys early
+        if task_format == "classification" and any(sp.kind != "classification" for sp in specs):
+            raise ValueError(
+                f"task_format='classification' cannot train generative tasks "
+                f"{[sp.name for sp in specs if sp.kind != 'classification']}; fix: use task_format='causal_lm'."
+            )
+        clients_per_synthetic = -(-num_clients // (num_groups * tasks_per_group))
         _check(
-            examples_per_client * clients_per_task >= 10,
+            examples_per_client * clients_per_synthetic >= 10,
             "examples_per_client",
             examples_per_client,
-            f"each task needs >= 10 examples; pass examples_per_client >= {-(-10 // clients_per_task)}",
+            f"each task needs >= 10 examples; pass examples_per_client >= {-(-10 // clients_per_synthetic)}",
         )
         self.save_hyperparameters()
         self.num_clients = num_clients
@@ -115,79 +185,169 @@ class FederatedDataModule(L.LightningDataModule):
         self.sample_fraction = sample_fraction
         self.prompt_template = prompt_template
         self.seed = seed
+        self.task_specs = tasks
+        self.data_dir = data_dir
+        self.clients_per_task = clients_per_task
+        self.partition = partition
+        self.dirichlet_alpha = dirichlet_alpha
+        self.quantity_skew = quantity_skew
+        self.max_examples_per_client = max_examples_per_client
+        self.max_eval_examples_per_client = max_eval_examples_per_client
+        self.max_target_length = max_target_length
+        self.cache_dir = cache_dir
         self._is_setup = False
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.pad_id: int = 0
-        self.num_examples: list[int] = []
-        self.num_val_examples: list[int] = []
+        self.tasks: list[TaskInfo] = []
+        self.verbalizer_ids: list[list[list[int]]] = []
+        self.client_task_ids: list[int] = []
         self.client_tasks: list[str] = []
         self.client_groups: list[str] = []
+        self.num_examples: list[int] = []
+        self.num_val_examples: list[int] = []
+        self.num_test_examples: list[int] = []
         self.label_words: dict[str, list[str]] = {}
         self.num_labels: int = 0
         self.train_datasets: list[list[dict[str, Any]]] = []
         self.val_datasets: list[list[dict[str, Any]]] = []
+        self.test_datasets: list[list[dict[str, Any]]] = []
+        self._label_hists: list[list[int]] = []
 
     # ------------------------------------------------------------------ setup
-    def _encode(self, example: Example, task: Task, client_idx: int) -> dict[str, Any]:
-        assert self.tokenizer is not None
-        if self.task_format == "causal_lm":
-            item: dict[str, Any] = encode_causal_lm(
-                self.tokenizer, example.text, task.label_words[example.label], self.max_length, self.prompt_template
+    @property
+    def _legacy_layout(self) -> bool:
+        """Synthetic tasks with the default partition settings: the original stride layout."""
+        return self.task_specs is None and (
+            self.partition == "iid"
+            and self.quantity_skew == 0
+            and self.clients_per_task is None
+            and self.max_examples_per_client is None
+        )
+
+    def _load(self) -> list[Task]:
+        clients_per_task = -(-self.num_clients // (self.num_groups * self.tasks_per_group))
+        synthetic = {
+            "num_groups": self.num_groups,
+            "tasks_per_group": self.tasks_per_group,
+            "examples_per_task": self.examples_per_client * clients_per_task,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
+        specs: list[Any] = self.task_specs if self.task_specs is not None else ["synthetic"]
+        tasks = load_tasks(list(specs), self.data_dir, self.cache_dir, self.seed, synthetic, self.prompt_template)
+        generative = [t.name for t in tasks if t.generative]
+        if generative and self.task_format == "classification":
+            raise ValueError(
+                f"task_format='classification' cannot train generative tasks {generative}; fix: use 'causal_lm'."
             )
-            item["label"] = example.label
-            item["task"] = task.name
+        return tasks
+
+    def _splits(self, tasks: list[Task]) -> tuple[list[int], list[ClientSplit], list[np.ndarray]]:
+        """Client -> task ids, and per client its train/val indices and its eval (test) indices."""
+        if self._legacy_layout:
+            client_task_ids = [c % len(tasks) for c in range(self.num_clients)]
         else:
-            item = encode_classification(self.tokenizer, example.text, example.label, self.max_length)
-        item["client_idx"] = client_idx
-        return item
+            client_task_ids = assign_clients(len(tasks), self.num_clients, self.clients_per_task)
+        splits: list[ClientSplit | None] = [None] * self.num_clients
+        evals: list[np.ndarray | None] = [None] * self.num_clients
+        for t, task in enumerate(tasks):
+            clients = [c for c, tid in enumerate(client_task_ids) if tid == t]
+            if not clients:
+                continue
+            if self._legacy_layout:
+                shares, tests = _stride_splits(task, len(clients), -(-self.num_clients // len(tasks)))
+            else:
+                labels = np.asarray(task.train["label"]) if not task.generative else np.zeros(len(task.train), int)
+                shares = split_task(
+                    labels,
+                    len(clients),
+                    method=self.partition,
+                    alpha=self.dirichlet_alpha,
+                    quantity_skew=self.quantity_skew,
+                    min_examples=_MIN_EXAMPLES,
+                    max_examples_per_client=self.max_examples_per_client,
+                    val_fraction=self.val_fraction,
+                    seed=self.seed * 100_003 + t,
+                    task=task.name,
+                )
+                held_out = task.eval_split
+                n_eval = 0 if held_out is None else len(held_out)
+                tests = split_eval(n_eval, len(clients), self.max_eval_examples_per_client, self.seed * 100_003 + t)
+            for c, share, test in zip(clients, shares, tests):
+                if self.max_eval_examples_per_client is not None:
+                    share.val = share.val[: self.max_eval_examples_per_client]
+                splits[c], evals[c] = share, test
+        return client_task_ids, [s for s in splits if s is not None], [e for e in evals if e is not None]
+
+    def _materialize(self, encoded: Any, idx: np.ndarray, task_id: int, name: str, client: int) -> list[dict[str, Any]]:
+        rows = encoded.select(idx).to_list() if len(idx) else []
+        for row in rows:
+            row.update(task_id=task_id, client_idx=client, task=name)
+            if row.get("target") is None:
+                row.pop("target", None)
+        return rows
 
     def setup(self, stage: str | None = None) -> None:
-        """Generates tasks, partitions them over clients and tokenizes everything (idempotent, no trainer needed).
+        """Loads the tasks, partitions them over clients and tokenizes everything (idempotent, no trainer needed).
 
         Args:
             stage: Lightning stage (ignored; all splits are built at once).
 
         Raises:
-            ValueError: If a client ends up with no training examples.
+            ValueError: If a task cannot be loaded or partitioned, or a client ends up with no training examples
+                (the message names the client or task and the fix).
+            FileNotFoundError: If a task's folder or file is missing.
         """
         if self._is_setup:
             return
-        num_tasks = self.num_groups * self.tasks_per_group
-        clients_per_task = -(-self.num_clients // num_tasks)
-        tasks = make_synthetic_tasks(
-            num_groups=self.num_groups,
-            tasks_per_group=self.tasks_per_group,
-            examples_per_task=self.examples_per_client * clients_per_task,
-            val_fraction=self.val_fraction,
-            seed=self.seed,
-        )
+        tasks = self._load()
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        train_sets: list[list[dict[str, Any]]] = []
-        val_sets: list[list[dict[str, Any]]] = []
-        client_tasks: list[str] = []
-        client_groups: list[str] = []
-        for c in range(self.num_clients):
-            task = tasks[c % num_tasks]
-            share = c // num_tasks  # this client's share among the clients of its task
-            train = task.train[share::clients_per_task]
-            val = task.validation[share::clients_per_task]
-            if not train:
+        client_task_ids, splits, evals = self._splits(tasks)
+        encode = partial(
+            encode_split,
+            tokenizer=self.tokenizer,
+            task_format=self.task_format,
+            max_length=self.max_length,
+            max_target_length=self.max_target_length,
+        )
+        enc_train: dict[int, Any] = {}
+        enc_eval: dict[int, Any] = {}
+        for t in sorted(set(client_task_ids)):
+            task = tasks[t]
+            enc_train[t] = encode(task.train, task, task.template)
+            held_out = task.validation if self._legacy_layout else task.eval_split
+            enc_eval[t] = None if held_out is None else encode(held_out, task, task.template)
+        self.train_datasets, self.val_datasets, self.test_datasets, self._label_hists = [], [], [], []
+        for c, (t, share, test) in enumerate(zip(client_task_ids, splits, evals)):
+            task = tasks[t]
+            if len(share.train) == 0:
                 raise ValueError(
                     f"client {c} (task {task.name}) got 0 training examples; fix: increase examples_per_client "
-                    f"(now {self.examples_per_client}) or lower val_fraction (now {self.val_fraction})."
+                    f"(now {self.examples_per_client}), give the task more data, or lower val_fraction "
+                    f"(now {self.val_fraction})."
                 )
-            train_sets.append([self._encode(e, task, c) for e in train])
-            val_sets.append([self._encode(e, task, c) for e in val])
-            client_tasks.append(task.name)
-            client_groups.append(task.group)
-        used = {t.name: t for t in tasks if t.name in set(client_tasks)}
-        self.train_datasets, self.val_datasets = train_sets, val_sets
-        self.client_tasks, self.client_groups = client_tasks, client_groups
-        self.num_examples = [len(d) for d in train_sets]
-        self.num_val_examples = [len(d) for d in val_sets]
-        self.label_words = {name: list(t.label_words) for name, t in used.items()}
-        self.num_labels = max(len(words) for words in self.label_words.values())
+            self.train_datasets.append(self._materialize(enc_train[t], share.train, t, task.name, c))
+            val_source = enc_eval[t] if self._legacy_layout else enc_train[t]
+            self.val_datasets.append(self._materialize(val_source, share.val, t, task.name, c))
+            self.test_datasets.append(
+                self._materialize(enc_eval[t], test, t, task.name, c) if enc_eval[t] is not None else []
+            )
+            hist = np.bincount(
+                [x["label"] for x in self.train_datasets[-1] if x["label"] >= 0], minlength=task.num_labels
+            )
+            self._label_hists.append([int(v) for v in hist])
+        self.tasks = [task.info() for task in tasks]
+        self.verbalizer_ids = [verbalizer_ids(self.tokenizer, task) for task in self.tasks]
+        self.client_task_ids = client_task_ids
+        self.client_tasks = [tasks[t].name for t in client_task_ids]
+        self.client_groups = [tasks[t].group for t in client_task_ids]
+        self.num_examples = [len(d) for d in self.train_datasets]
+        self.num_val_examples = [len(d) for d in self.val_datasets]
+        self.num_test_examples = [len(d) for d in self.test_datasets]
+        used = sorted(set(client_task_ids))
+        self.label_words = {tasks[t].name: list(tasks[t].label_words) for t in used}
+        self.num_labels = max(task.num_labels for task in self.tasks)
         self._is_setup = True
 
     # ------------------------------------------------------------ dataloaders
@@ -222,19 +382,28 @@ class FederatedDataModule(L.LightningDataModule):
             num_workers=0,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def _eval_loader(self, datasets: list[list[dict[str, Any]]]) -> DataLoader:
         self.setup()
-        dataset = [item for client in self.val_datasets for item in client]
-        sampler = ClientChunkBatchSampler(_offsets(self.num_val_examples), self.num_val_examples, self.batch_size)
+        sizes = [len(d) for d in datasets]
         return DataLoader(
-            dataset,  # type: ignore[arg-type]
-            batch_sampler=sampler,
+            [item for client in datasets for item in client],  # type: ignore[arg-type]
+            batch_sampler=ClientChunkBatchSampler(_offsets(sizes), sizes, self.batch_size),
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=0,
         )
 
+    def val_dataloader(self) -> DataLoader:
+        """Every client's validation examples, client by client, in chunks of ``batch_size``."""
+        self.setup()
+        return self._eval_loader(self.val_datasets)
+
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """Every client's test share (the task's test split, or validation if none), batched like validation.
+
+        With ``tasks=None`` and the default partition, the test data is the validation data (no synthetic test set).
+        """
+        self.setup()
+        return self._eval_loader(self.test_datasets)
 
     # ---------------------------------------------------------------- helpers
     def round_clients(self, round_idx: int) -> list[int]:
@@ -249,14 +418,39 @@ class FederatedDataModule(L.LightningDataModule):
         return sample_clients(self.num_clients, self.sample_fraction, self.seed, round_idx)
 
     def partition_table(self) -> list[dict[str, Any]]:
-        """One row per client: ``client_idx``, ``task``, ``group``, ``num_train``, ``num_val`` (for logging)."""
+        """The partition: one row per client, for logging and for saving next to results.
+
+        Returns:
+            Rows with ``client_idx``, ``task``, ``task_id``, ``group``, ``kind``, ``num_train``, ``num_val``,
+            ``num_test`` and ``label_hist`` (training examples per class; ``[]`` for generative tasks).
+        """
         self.setup()
         return [
-            {"client_idx": c, "task": t, "group": g, "num_train": n, "num_val": v}
-            for c, (t, g, n, v) in enumerate(
-                zip(self.client_tasks, self.client_groups, self.num_examples, self.num_val_examples)
-            )
+            {
+                "client_idx": c,
+                "task": self.client_tasks[c],
+                "task_id": t,
+                "group": self.client_groups[c],
+                "kind": self.tasks[t].kind,
+                "num_train": self.num_examples[c],
+                "num_val": self.num_val_examples[c],
+                "num_test": self.num_test_examples[c],
+                "label_hist": self._label_hists[c],
+            }
+            for c, t in enumerate(self.client_task_ids)
         ]
+
+    def save_partition(self, path: str) -> tuple[str, str]:
+        """Writes :meth:`partition_table` to ``<path>.csv`` and ``<path>.json`` atomically.
+
+        Args:
+            path: Output path stem (a ``.csv``/``.json`` suffix is dropped).
+
+        Returns:
+            The CSV and JSON paths.
+        """
+        csv_path, json_path = save_table(self.partition_table(), path)
+        return str(csv_path), str(json_path)
 
     def group_counts(self) -> dict[str, int]:
         """Number of clients per group."""

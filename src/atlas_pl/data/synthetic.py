@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["GROUPS", "Example", "Task", "make_synthetic_tasks"]
+__all__ = ["GROUPS", "Example", "SyntheticTask", "make_synthetic_tasks"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Example:
 
 
 @dataclass
-class Task:
-    """A classification task.
+class SyntheticTask:
+    """A synthetic classification task (label words and :class:`Example` lists).
 
     Attributes:
         name: Unique task name, e.g. ``"sentiment_0"``.
@@ -199,7 +199,7 @@ def make_synthetic_tasks(
     examples_per_task: int = 200,
     val_fraction: float = 0.2,
     seed: int = 0,
-) -> list[Task]:
+) -> list[SyntheticTask]:
     """Generates grouped synthetic classification tasks deterministically from ``seed``.
 
     Groups, in order: ``sentiment`` (dominant polarity keywords), ``topic`` (domain keywords), ``language``
@@ -221,7 +221,7 @@ def make_synthetic_tasks(
     """
     _validate(num_groups, tasks_per_group, examples_per_task, val_fraction)
     n_val = min(max(1, round(val_fraction * examples_per_task)), examples_per_task - 1)
-    tasks: list[Task] = []
+    tasks: list[SyntheticTask] = []
     for g_idx, group in enumerate(GROUPS[:num_groups]):
         n_classes = len(_LABEL_WORDS[group])
         for t_idx in range(tasks_per_group):
@@ -231,7 +231,7 @@ def make_synthetic_tasks(
             rng.shuffle(labels)
             examples = [Example(surface.prefix + _GENERATORS[group](rng, surface, y), y) for y in labels]
             tasks.append(
-                Task(
+                SyntheticTask(
                     name=f"{group}_{t_idx}",
                     group=group,
                     label_words=list(_LABEL_WORDS[group]),
