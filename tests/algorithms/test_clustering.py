@@ -1,0 +1,231 @@
+"""Server-side clustering of fingerprints: k-means in cosine geometry, K by silhouette, scores, pictures."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
+from atlas_pl.algorithms.fingerprint import project_gradients
+from atlas_pl.algorithms.plots import plot_fingerprints
+
+
+def _blobs(seed: int, num_groups: int = 3, per_group: int = 4, dim: int = 64, noise: float = 0.05):
+    """Unit rows around ``num_groups`` random directions, and their true group per row."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_groups, dim))
+    true = np.repeat(np.arange(num_groups), per_group)
+    rows = centers[true] / np.linalg.norm(centers[true], axis=1, keepdims=True)
+    rows = rows + noise * rng.standard_normal(rows.shape)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True), true.tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fixed_k_recovers_well_separated_blobs(seed):
+    rows, true = _blobs(seed)
+
+    result = cluster_clients(rows, num_clusters=3, seed=seed)
+
+    assert clustering_scores(result.labels, true)["ari"] == 1.0
+    assert result.silhouette is not None and result.silhouette > 0.5
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auto_k_recovers_well_separated_blobs(seed):
+    rows, true = _blobs(seed, num_groups=4, per_group=3)
+
+    result = cluster_clients(rows, num_clusters="auto", seed=seed)
+
+    assert result.num_clusters == 4
+    assert clustering_scores(result.labels, true)["ari"] == 1.0
+    assert set(result.silhouette_by_k) == set(range(2, 11))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auto_picks_one_cluster_for_isotropic_noise(seed):
+    rows = np.random.default_rng(seed).standard_normal((20, 64))
+
+    result = cluster_clients(rows, num_clusters="auto", seed=seed)
+
+    assert result.num_clusters == 1 and set(result.labels) == {0}
+    assert result.silhouette is None
+    assert max(result.silhouette_by_k.values()) < 0.25
+
+
+def test_auto_with_fewer_than_three_clients_gives_one_cluster():
+    rows, _ = _blobs(0, num_groups=2, per_group=1)
+
+    result = cluster_clients(rows, num_clusters="auto")
+
+    assert result.num_clusters == 1 and result.labels == [0, 0] and result.silhouette_by_k == {}
+
+
+def test_auto_threshold_is_an_argument():
+    rows = np.random.default_rng(0).standard_normal((20, 64))
+
+    result = cluster_clients(rows, num_clusters="auto", min_silhouette=-1.0)
+
+    assert result.num_clusters >= 2
+
+
+def test_non_finite_fingerprint_is_left_out_with_a_warning_naming_the_client():
+    rows, true = _blobs(0)
+    rows[2, 5] = np.nan
+
+    with pytest.warns(UserWarning, match="client 2 "):
+        result = cluster_clients(rows, num_clusters=3)
+
+    assert result.left_out == [2] and result.labels[2] == -1
+    assert clustering_scores(result.labels, true)["ari"] == 1.0
+
+
+def test_zero_fingerprint_is_left_out_with_a_warning():
+    rows, _ = _blobs(0)
+    rows[0] = 0.0
+
+    with pytest.warns(UserWarning, match="client 0 .*all-zero"):
+        result = cluster_clients(rows, num_clusters=2)
+
+    assert result.left_out == [0] and result.labels[0] == -1
+
+
+def test_num_clusters_above_valid_clients_raises_naming_value_and_fix():
+    rows, _ = _blobs(0, num_groups=2, per_group=2)
+    rows[0, 0] = np.inf
+
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"`num_clusters`=4 .* 3 clients .*\[1, 3\]"):
+        cluster_clients(rows, num_clusters=4)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "three"])
+def test_invalid_num_clusters_raises(bad):
+    rows, _ = _blobs(0)
+
+    with pytest.raises(ValueError, match="`num_clusters`"):
+        cluster_clients(rows, num_clusters=bad)
+
+
+def test_invalid_shape_raises():
+    with pytest.raises(ValueError, match="`fingerprints`"):
+        cluster_clients(np.ones(5), num_clusters=1)
+
+
+def test_clustering_is_deterministic_under_the_seed_and_numbers_clusters_by_first_appearance():
+    rows = np.random.default_rng(1).standard_normal((15, 64))
+
+    first, second = cluster_clients(rows, num_clusters=3, seed=7), cluster_clients(rows, num_clusters=3, seed=7)
+
+    assert first.labels == second.labels and first.labels[0] == 0
+    np.testing.assert_array_equal(first.centers, second.centers)
+
+
+def test_centers_are_unit_vectors_one_per_cluster():
+    rows, _ = _blobs(0)
+
+    result = cluster_clients(torch.from_numpy(rows).float(), num_clusters=3)
+
+    assert isinstance(result, ClusterResult) and result.centers.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(result.centers, axis=1), 1.0)
+
+
+def test_fingerprints_of_task_gradients_cluster_by_task():
+    gen = torch.Generator().manual_seed(0)
+    tasks = torch.randn(3, 8_000, generator=gen)
+    true = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    grads = [tasks[t] + 0.5 * torch.randn(8_000, generator=gen) for t in true]
+
+    fingerprints = torch.stack([project_gradients([g], dim=64, seed=0) for g in grads])
+    result = cluster_clients(fingerprints, num_clusters="auto")
+
+    assert clustering_scores(result.labels, true) == {"ari": 1.0, "nmi": pytest.approx(1.0)}
+
+
+def test_cluster_result_round_trips_through_plain_json():
+    rows, _ = _blobs(0)
+    rows[3] = np.nan
+    with pytest.warns(UserWarning):
+        result = cluster_clients(rows, num_clusters="auto")
+
+    restored = ClusterResult.from_dict(json.loads(json.dumps(result.to_dict())))
+
+    assert restored.labels == result.labels and restored.silhouette_by_k == result.silhouette_by_k
+    assert restored.left_out == [3] and restored.silhouette == result.silhouette
+    np.testing.assert_array_equal(restored.centers, result.centers)
+
+
+# --- scores -------------------------------------------------------------------------------------------------------
+
+
+def test_clustering_scores_are_one_for_a_relabelled_partition():
+    scores = clustering_scores([1, 1, 0, 0, 2], [0, 0, 1, 1, 2])
+
+    assert scores == {"ari": 1.0, "nmi": pytest.approx(1.0)}
+
+
+def test_clustering_scores_match_hand_computed_values():
+    # Every cell of the 2×2 contingency table holds 1: index 0, expected (2·2)/C(4,2) = 2/3, max 2 → ARI = -1/2.
+    scores = clustering_scores([0, 0, 1, 1], [0, 1, 0, 1])
+
+    assert scores["ari"] == pytest.approx(-0.5)
+    assert scores["nmi"] == pytest.approx(0.0)
+
+
+def test_clustering_scores_ignore_left_out_clients():
+    assert clustering_scores([0, 0, 1, -1], [0, 0, 1, 0])["ari"] == 1.0
+
+
+def test_clustering_scores_with_different_lengths_raise():
+    with pytest.raises(ValueError, match="`true_labels`"):
+        clustering_scores([0, 1], [0, 1, 1])
+
+
+# --- pictures -----------------------------------------------------------------------------------------------------
+
+
+def test_embed_2d_gives_two_coordinates_per_client():
+    rows, _ = _blobs(0)
+
+    assert embed_2d(rows).shape == (12, 2)
+
+
+@pytest.mark.parametrize(("num_rows", "expected"), [(1, [[0.0, 0.0]]), (2, None)])
+def test_embed_2d_handles_fewer_than_three_clients(num_rows, expected):
+    rows, _ = _blobs(0, num_groups=num_rows, per_group=1)
+
+    points = embed_2d(rows)
+
+    assert points.shape == (num_rows, 2) and np.all(np.isfinite(points))
+    if expected is not None:
+        np.testing.assert_array_equal(points, expected)
+
+
+def test_embed_2d_gives_nan_coordinates_to_a_non_finite_row():
+    rows, _ = _blobs(0)
+    rows[4, 0] = np.nan
+
+    points = embed_2d(rows)
+
+    assert np.all(np.isnan(points[4])) and np.all(np.isfinite(np.delete(points, 4, axis=0)))
+
+
+def test_plot_fingerprints_returns_a_figure_that_saves():
+    rows, true = _blobs(0)
+    rows[1, 0] = np.nan
+    with pytest.warns(UserWarning):
+        labels = cluster_clients(rows, num_clusters=3).labels
+
+    fig = plot_fingerprints(embed_2d(rows), labels, true_labels=true, names=[f"client {i}" for i in range(12)])
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+
+    assert isinstance(fig, Figure) and buffer.tell() > 0
+
+
+def test_plot_fingerprints_with_mismatched_points_raises():
+    with pytest.raises(ValueError, match="`points`"):
+        plot_fingerprints(np.zeros((3, 2)), [0, 1])
