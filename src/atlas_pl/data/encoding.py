@@ -106,15 +106,22 @@ def encode_split(
         max_length,
         max_target_length,
     ]
-    return ds.map(
-        _encode_batch,
-        batched=True,
-        batch_size=256,
-        fn_kwargs=kwargs,
-        remove_columns=ds.column_names,
-        new_fingerprint=datasets.fingerprint.Hasher.hash(key),
-        desc=f"tokenize {task.name}",
-    )
+    quiet = not ds.cache_files and not datasets.utils.are_progress_bars_disabled()
+    if quiet:  # in-memory (synthetic) splits are small: no progress bar
+        datasets.utils.disable_progress_bars()
+    try:
+        return ds.map(
+            _encode_batch,
+            batched=True,
+            batch_size=256,
+            fn_kwargs=kwargs,
+            remove_columns=ds.column_names,
+            new_fingerprint=datasets.fingerprint.Hasher.hash(key),
+            desc=f"tokenize {task.name}",
+        )
+    finally:
+        if quiet:
+            datasets.utils.enable_progress_bars()
 
 
 def verbalizer_ids(tokenizer: PreTrainedTokenizerBase, task: TaskInfo) -> list[list[int]]:

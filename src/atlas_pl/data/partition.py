@@ -92,11 +92,14 @@ def _dirichlet_shares(
 ) -> list[np.ndarray]:
     """Label-skewed shares: per class, proportions ``~ Dir(alpha)`` times the quantity weights.
 
-    Resampling rule: if some client gets fewer than ``min_examples`` examples, all classes are redrawn (same generator,
-    so the result stays deterministic), at most ``retries`` times; then a ``ValueError`` says how to fix it.
+    Minimum-size rule: if some client gets fewer than ``min_examples`` examples, all classes are redrawn (same
+    generator, so the result stays deterministic), at most ``retries`` times. If no draw succeeds, the draw with the
+    largest smallest share is kept and each short client is topped up with random examples taken from the currently
+    largest share (so very small ``alpha`` still yields a valid, if slightly less skewed, partition).
     """
     k = len(weights)
-    for _ in range(retries):
+    best: list[np.ndarray] = []
+    for _ in range(max(retries, 1)):
         shares: list[list[np.ndarray]] = [[] for _ in range(k)]
         for cls in np.unique(labels):
             idx = rng.permutation(np.flatnonzero(labels == cls))
@@ -107,10 +110,16 @@ def _dirichlet_shares(
         out = [np.concatenate(s) for s in shares]
         if min(len(s) for s in out) >= min_examples:
             return out
-    raise ValueError(
-        f"dirichlet_alpha={alpha!r}: no draw in {retries} tries gave each of {k} clients >= {min_examples} examples "
-        f"(pool {len(labels)}); fix: raise dirichlet_alpha, lower min_examples, or give the task fewer clients."
-    )
+        if not best or min(len(s) for s in out) > min(len(s) for s in best):
+            best = out
+    for client in range(k):
+        while len(best[client]) < min_examples:
+            donor = int(np.argmax([len(s) for s in best]))
+            take = min(min_examples - len(best[client]), len(best[donor]) - min_examples)
+            moved = rng.permutation(len(best[donor]))
+            best[client] = np.concatenate([best[client], best[donor][moved[:take]]])
+            best[donor] = best[donor][np.sort(moved[take:])]
+    return best
 
 
 def split_task(
@@ -131,10 +140,11 @@ def split_task(
 
     ``iid``: a seeded permutation cut into sizes ``min_examples + (rest by client weight)``. ``dirichlet``: see
     :func:`_dirichlet_shares`; the draw is repeated (same generator, so still deterministic) until every client has
-    ``min_examples``, else a ``ValueError`` names the fix. Client weights are ``lognormal(0, quantity_skew)`` (equal
-    when 0). Shares are disjoint and cover all ``len(labels)`` examples; ``max_examples_per_client`` then keeps the
-    first ``max`` of each (shuffled) share. Each share's validation part is ``round(val_fraction * n)`` examples
-    (at least 1 and leaving at least 1 for training when ``n >= 2``; none when ``n == 1``).
+    ``min_examples``, and after ``retries`` failed draws short clients are topped up from the largest share.
+    Client weights are ``lognormal(0, quantity_skew)`` (equal when 0). Shares are disjoint and cover all
+    ``len(labels)`` examples; ``max_examples_per_client`` then keeps the first ``max`` of each (shuffled) share.
+    Each share's validation part is ``round(val_fraction * n)`` examples (at least 1 and leaving at least 1 for
+    training when ``n >= 2``; none when ``n == 1``).
 
     Args:
         labels: Class index of every pool example (use one constant value for generative tasks).
@@ -146,7 +156,7 @@ def split_task(
         max_examples_per_client: Optional cap on each client's share (train + validation).
         val_fraction: Fraction of each share held out for validation, in ``[0, 1)``.
         seed: Seed (e.g. ``[seed, task_id]`` mixed by the caller).
-        retries: Dirichlet redraws before giving up.
+        retries: Dirichlet redraws before topping up short clients.
         task: Task name for error messages.
 
     Returns:

@@ -24,7 +24,14 @@ __all__ = ["SPLITS", "available_tasks", "load_task", "load_tasks"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 _TEXT_GUESSES: dict[str, list[tuple[str, str | None]]] = {
-    "classification": [("text", None), ("sentence", None), ("sentence1", "sentence2"), ("premise", "hypothesis")],
+    "classification": [
+        ("text", "text_pair"),
+        ("sentence1", "sentence2"),
+        ("premise", "hypothesis"),
+        ("question", "sentence"),
+        ("text", None),
+        ("sentence", None),
+    ],
     "qa": [("context", "question")],
     "summarization": [("text", None), ("document", None), ("article", None), ("dialogue", None)],
 }
@@ -64,7 +71,13 @@ def _load_files(spec: TaskSpec, builder: str, files: dict[str, str], cache_dir: 
                 "or create the file."
             )
     kwargs = {"delimiter": "\t"} if builder == "csv" and all(str(p).endswith(".tsv") for p in files.values()) else {}
-    return dict(datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs))
+    try:
+        return dict(datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - empty or malformed files get the task name and a fix
+        raise ValueError(
+            f"task {spec.name!r}: could not read {files} ({type(exc).__name__}: {str(exc)[:200]}); fix: make sure "
+            f"each file is non-empty, valid {builder.upper()} with one example per row."
+        ) from exc
 
 
 def _folder(spec: TaskSpec, data_dir: str | None, cache_dir: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
