@@ -114,6 +114,7 @@ class SplitClient(L.LightningModule):
             batch["labels"],
             client_adapter=self.client_adapter,
             server_adapter=self.server_adapter,
+            task_id=int(batch.get("task_id", 0)),
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

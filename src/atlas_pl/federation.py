@@ -19,11 +19,13 @@ import torch
 
 from atlas_pl.algorithms.aggregation import fedavg
 from atlas_pl.client import SplitClient
+from atlas_pl.evaluation import FederatedEvaluator, Scoring, tasks_from_datamodule
 from atlas_pl.lora.adapters import LoraSpec, validate_rank
 from atlas_pl.metrics import PerClientMean
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import Compression, InProcessChannel
+from atlas_pl.split.scoring import ScoreNorm
 
 ServerAdapters = Literal["per_client", "per_cluster"]
 
@@ -63,6 +65,10 @@ class Federation(L.LightningModule):
             ``per_client``: each client has its own server adapter, aggregated like the client adapters.
         compression: Wire format of activations/gradients across the cut (``none``, ``fp16``, ``bf16``, ``int8``).
         dtype: Dtype of the frozen backbone.
+        scoring: How causal LMs are scored on classification tasks: ``label_words`` (log-likelihood of each label's
+            answer tokens; the label spaces of different tasks coexist) or ``first_token`` (argmax over the vocabulary).
+        score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
+        max_new_tokens: Tokens generated for QA / summarization tasks in evaluation.
     """
 
     def __init__(
@@ -83,6 +89,9 @@ class Federation(L.LightningModule):
         server_adapters: ServerAdapters = "per_cluster",
         compression: Compression = "none",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        scoring: Scoring = "label_words",
+        score_norm: ScoreNorm = "sum",
+        max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -105,10 +114,10 @@ class Federation(L.LightningModule):
         self.num_clients = num_clients
         self.cluster_ids: list[int] = [0] * num_clients
         self.num_examples: list[int] = [1] * num_clients
+        self.client_task_ids: list[int] = [0] * num_clients
         self.clients: list[SplitClient] = [self._make_client(i) for i in range(num_clients)]
         self.train_loss = PerClientMean(num_clients)
-        self.val_loss = PerClientMean(num_clients)
-        self.val_acc = PerClientMean(num_clients)
+        self.evaluator = FederatedEvaluator(num_clients, None, scoring, score_norm, max_new_tokens)
         self.history: list[dict[str, Any]] = []
         self._participants: set[int] = set()
         self._round_start_bytes = (0, 0)
@@ -149,6 +158,34 @@ class Federation(L.LightningModule):
                 "(more examples per task, or fewer clients)"
             )
         self.num_examples = counts
+        self.client_task_ids = [int(t) for t in getattr(dm, "client_task_ids", self.client_task_ids)]
+        self._configure_tasks(dm)
+
+    def _configure_tasks(self, dm: Any) -> None:
+        """Task heads (encoders) and task-aware evaluation from the datamodule's task list."""
+        tasks = tasks_from_datamodule(dm)
+        if not tasks:
+            return
+        if self.backbone.task == "classification":
+            generative = [t.name for t in tasks if t.kind != "classification"]
+            if generative:
+                raise ValueError(
+                    f"tasks {generative} are generative but model {self.hparams['model']!r} is an encoder; "
+                    "use a causal LM (task_format: causal_lm) or drop those tasks"
+                )
+            self.backbone.configure_tasks([t.num_labels for t in tasks])
+        tokenizer = getattr(dm, "tokenizer", None)
+        hp = self.hparams
+        self.evaluator = FederatedEvaluator(
+            self.num_clients,
+            tasks,
+            hp["scoring"],
+            hp["score_norm"],
+            hp["max_new_tokens"],
+            eos_token_id=getattr(tokenizer, "eos_token_id", None),
+            decode=getattr(tokenizer, "decode", None),
+        ).to(self.device)
+        self.task_names = [t.name for t in tasks]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One optimizer per client adapter, then one per server adapter (see :meth:`optimizer_index`)."""
@@ -216,14 +253,30 @@ class Federation(L.LightningModule):
             weights = [self.num_examples[i] for i in active]
             kinds = ["client_adapter"] + (["server_adapter"] if self.server_adapters == "per_client" else [])
             for kind in kinds:
-                merged = fedavg([self.backbone.adapter_state(getattr(self.clients[i], kind)) for i in active], weights)
+                states = [self.backbone.adapter_state(getattr(self.clients[i], kind), heads=False) for i in active]
+                merged = fedavg(states, weights)
                 for i in members:
                     self.backbone.load_adapter_state(getattr(self.clients[i], kind), merged)
+            if self.server_adapters == "per_client":
+                self._aggregate_heads(active, members)
             for i in active:
                 nbytes = bank.nbytes(self.clients[i].client_adapter)
                 self.channel.send_adapters(nbytes, 0, client_idx=i)
             for i in members:
                 self.channel.send_adapters(0, bank.nbytes(self.clients[i].client_adapter), client_idx=i)
+
+    def _aggregate_heads(self, active: list[int], members: list[int]) -> None:
+        """Per task: average the task head over the active clients holding that task; send it to the members."""
+        for task in sorted({self.client_task_ids[i] for i in active}):
+            holders = [i for i in active if self.client_task_ids[i] == task]
+            states = [self.backbone.head_state(self.clients[i].server_adapter, task) for i in holders]
+            if not states[0]:
+                return  # causal LM: no heads
+            merged = fedavg(states, [self.num_examples[i] for i in holders])
+            for i in members:
+                self.backbone.load_adapter_state(
+                    self.clients[i].server_adapter, {f"head.task{task}.{k}": v for k, v in merged.items()}
+                )
 
     def log_round(self, metrics: dict[str, float]) -> None:
         """Log per-round metrics: to callbacks (``callback_metrics``) and to the loggers with ``step = round``."""
@@ -233,14 +286,10 @@ class Federation(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:
-        self.val_loss.reset()
-        self.val_acc.reset()
+        self.evaluator.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        idx = int(batch["client_idx"])
-        out = self.clients[idx].evaluate(batch)
-        self.val_loss.update(out.loss, idx, out.num_targets)
-        self.val_acc.update(out.correct.float().mean(), idx, out.correct.numel())
+        self.evaluator.update(self.clients[int(batch["client_idx"])], batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -249,16 +298,8 @@ class Federation(L.LightningModule):
         self.on_validation_epoch_start()
 
     def evaluation_metrics(self, prefix: str) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for name, metric in (("loss", self.val_loss), ("acc", self.val_acc)):
-            values, seen = metric.compute(), metric.seen()
-            for i in range(self.num_clients):
-                if seen[i]:
-                    metrics[f"{prefix}_{name}/client_{i:03d}"] = float(values[i])
-            for k, v in metric.grouped(self.cluster_ids).items():
-                metrics[f"{prefix}_{name}/cluster_{k}"] = v
-            metrics[f"{prefix}_{name}"] = metric.overall()
-        return metrics
+        """Metrics per client, cluster, task and overall (see :meth:`FederatedEvaluator.compute`)."""
+        return self.evaluator.compute(prefix, self.cluster_ids)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

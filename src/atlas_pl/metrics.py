@@ -1,9 +1,19 @@
-"""Per-client running means as a torchmetrics ``Metric`` (synchronised across processes), plus cluster roll-ups."""
+"""Evaluation metrics: per-client means with cluster roll-ups, and torchmetrics per task.
+
+Per-client means are synchronised across processes; per-task collections hold accuracy / macro-F1, exact match / F1
+and ROUGE-L.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Literal, cast
+
 import torch
-from torchmetrics import Metric
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.functional.text import rouge_score, squad
+from torchmetrics.text import ROUGEScore, SQuAD
 
 
 class PerClientMean(Metric):
@@ -48,3 +58,103 @@ class PerClientMean(Metric):
     def overall(self) -> float:
         w = self.weight.sum()
         return float(self.total.sum() / w) if w > 0 else float("nan")
+
+
+TaskKind = Literal["classification", "qa", "summarization"]
+PRIMARY = {"classification": "acc", "qa": "f1", "summarization": "rougeL"}
+"""The per-example score each task kind is judged by (per client and per cluster roll-ups use it)."""
+
+
+def example_scores(kind: TaskKind, preds: list[str], targets: list[str]) -> list[float]:
+    """Per-example primary score of generated text in ``[0, 1]``: SQuAD F1 (``qa``) or ROUGE-L F (``summarization``)."""
+    if kind == "qa":
+        return [_squad_f1(p, t) for p, t in zip(preds, targets)]
+    if kind == "summarization":
+        return [float(rouge_score(p, t, rouge_keys="rougeL")["rougeL_fmeasure"]) for p, t in zip(preds, targets)]
+    raise ValueError(f"`kind` must be 'qa' or 'summarization' for generated text, got {kind!r}")
+
+
+def _squad_f1(pred: str, target: str) -> float:
+    return float(squad([_squad_pred(pred, "0")], [_squad_target(target, "0")])["f1"]) / 100.0
+
+
+def _squad_pred(text: str, idx: str) -> dict[str, str]:
+    return {"prediction_text": text, "id": idx}
+
+
+def _squad_target(text: str, idx: str) -> dict[str, Any]:
+    return {"answers": {"answer_start": [0], "text": [text]}, "id": idx}
+
+
+class TaskMetrics(nn.Module):
+    """torchmetrics per task: accuracy and macro-F1 (classification), exact match and F1 (QA), ROUGE-L (summaries).
+
+    Args:
+        kinds: Kind of each task (index = task id).
+        num_labels: Number of labels of each task (ignored for generative tasks).
+        names: Task names used as metric keys.
+    """
+
+    def __init__(self, kinds: list[TaskKind], num_labels: list[int], names: list[str]) -> None:
+        super().__init__()
+        if not (len(kinds) == len(num_labels) == len(names)):
+            raise ValueError("`kinds`, `num_labels` and `names` must have one entry per task")
+        self.kinds, self.names = list(kinds), list(names)
+        self.per_task = nn.ModuleList(_collection(k, n) for k, n in zip(kinds, num_labels))
+
+    def collection(self, task_id: int) -> MetricCollection:
+        """The metric collection of task ``task_id``."""
+        return cast(MetricCollection, self.per_task[task_id])
+
+    def update_classes(self, task_id: int, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.collection(task_id).update(preds, target)
+
+    def update_text(self, task_id: int, preds: list[str], targets: list[str]) -> None:
+        collection = self.collection(task_id)
+        if self.kinds[task_id] == "qa":
+            ids = [str(i) for i in range(len(preds))]
+            collection.update(
+                [_squad_pred(p, i) for p, i in zip(preds, ids)], [_squad_target(t, i) for t, i in zip(targets, ids)]
+            )
+        else:
+            collection.update(preds, targets)
+
+    def compute(self) -> dict[str, float]:
+        """``{"<task>/<metric>": value}`` for every task that received data (scores in ``[0, 1]``)."""
+        out: dict[str, float] = {}
+        for t, (name, kind) in enumerate(zip(self.names, self.kinds)):
+            collection = self.collection(t)
+            if not _has_updates(collection):
+                continue
+            for key, value in collection.compute().items():
+                if key.endswith(("_precision", "_recall")):
+                    continue
+                scale = 100.0 if kind == "qa" else 1.0
+                out[f"{name}/{_KEY.get(key, key)}"] = float(value) / scale
+        return out
+
+    def reset(self) -> None:
+        for t in range(len(self.names)):
+            self.collection(t).reset()
+
+
+_KEY = {"exact_match": "em", "rougeL_fmeasure": "rougeL"}
+
+
+def _collection(kind: TaskKind, num_labels: int) -> MetricCollection:
+    if kind == "classification":
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_labels, average="micro"),
+                "macro_f1": MulticlassF1Score(num_labels, average="macro"),
+            }
+        )
+    if kind == "qa":
+        return MetricCollection({"squad": SQuAD()}, compute_groups=False)
+    if kind == "summarization":
+        return MetricCollection({"rouge": ROUGEScore(rouge_keys="rougeL")}, compute_groups=False)
+    raise ValueError(f"unknown task kind {kind!r}; use 'classification', 'qa' or 'summarization'")
+
+
+def _has_updates(collection: MetricCollection) -> bool:
+    return any(getattr(m, "_update_count", 0) > 0 for m in collection.values())

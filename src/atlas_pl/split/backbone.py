@@ -7,7 +7,6 @@ Client adapters live only on client-half modules and server adapters only on ser
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +32,16 @@ class ServerOutput:
     Attributes:
         loss: Mean loss over targets (answer tokens for causal LMs, examples for classification).
         correct: Per-example bool: the first answer token (the label word) is the argmax over the whole vocabulary
-            (causal LM), or the class is predicted (classification).
+            (causal LM, a quick training signal; evaluation scores label words, see ``split.scoring``), or the class
+            is predicted (classification).
         num_targets: Number of target tokens/examples the loss averages over.
+        pred: Predicted class per example (classification), else ``None``.
     """
 
     loss: torch.Tensor
     correct: torch.Tensor
     num_targets: int
+    pred: torch.Tensor | None = None
 
 
 def split_model(model: nn.Module, cut_layer: int) -> tuple[nn.ModuleList, nn.ModuleList]:
@@ -79,6 +81,7 @@ class SplitBackbone(nn.Module):
         self.model: Any = model
         self.bank = AdapterBank(model, fan_in_fan_out=self.arch.fan_in_fan_out)
         self.heads = nn.ModuleDict()
+        self.task_num_labels: list[int] | None = None
         self.server_adapters: list[str] = []
         self.client_adapters: list[str] = []
 
@@ -115,34 +118,85 @@ class SplitBackbone(nn.Module):
     def add_server_adapter(
         self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
     ) -> None:
-        """Add a LoRA adapter named ``name`` on the server half (plus a trainable task head for classifiers)."""
+        """Add a LoRA adapter named ``name`` on the server half (plus trainable task heads for classifiers)."""
         rank = self.lora.rank if rank is None else rank
         validate_rank(rank)
         self.bank.add(name, self.server_module_names(), rank, self.lora.alpha, self.lora.dropout, rank_pattern)
         self.server_adapters.append(name)
         if self.task == "classification":
-            head = copy.deepcopy(get_submodule(self.model, self.arch.head_path))
-            self.heads[name] = head.requires_grad_(True)
+            self._add_heads(name)
+
+    # ----------------------------------------------------------------------------------------- task heads
+    @staticmethod
+    def head_name(server_adapter: str, task_id: int) -> str:
+        """Key of the classification head of task ``task_id`` owned by ``server_adapter``."""
+        return f"{server_adapter}__task{task_id}"
+
+    def configure_tasks(self, num_labels: list[int]) -> None:
+        """Give every server adapter one classification head per task (``num_labels[t]`` classes for task ``t``).
+
+        Heads whose size already matches are kept (a resume reloads them); classifiers only.
+
+        Raises:
+            ValueError: A task with fewer than 2 labels.
+        """
+        bad = [(t, n) for t, n in enumerate(num_labels) if n < 2]
+        if bad:
+            raise ValueError(f"task {bad[0][0]} has {bad[0][1]} label(s); a classification task needs >= 2 labels")
+        self.task_num_labels = list(num_labels)
+        if self.task == "classification":
+            for name in self.server_adapters:
+                self._add_heads(name)
+
+    def _add_heads(self, server_adapter: str) -> None:
+        template: Any = get_submodule(self.model, self.arch.head_path)
+        for t, n in enumerate(self.task_num_labels or [int(template.out_features)]):
+            key = self.head_name(server_adapter, t)
+            if key in self.heads and self.heads[key].out_features == n:
+                continue
+            head = nn.Linear(template.in_features, n, device=template.weight.device, dtype=template.weight.dtype)
+            if n == template.out_features:
+                head.load_state_dict(template.state_dict())
+            else:
+                nn.init.normal_(head.weight, std=float(getattr(self.model.config, "initializer_range", 0.02)))
+                nn.init.zeros_(head.bias)
+            self.heads[key] = head.requires_grad_(True)
+
+    def heads_of(self, server_adapter: str) -> dict[int, nn.Module]:
+        """Task id → head owned by ``server_adapter``."""
+        prefix = f"{server_adapter}__task"
+        return {int(k[len(prefix) :]): m for k, m in self.heads.items() if k.startswith(prefix)}
 
     def server_parameters(self, name: str) -> list[nn.Parameter]:
         params = self.bank.parameters(name)
-        if name in self.heads:
-            params += list(self.heads[name].parameters())
+        for head in self.heads_of(name).values():
+            params += list(head.parameters())
         return params
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        """Copy of adapter ``name``: its LoRA factors plus, for a server adapter of a classifier, its task head."""
+    def adapter_state(self, name: str, heads: bool = True) -> dict[str, torch.Tensor]:
+        """Copy of adapter ``name``: LoRA factors plus, unless ``heads=False``, its task heads (``head.task<t>.*``)."""
         state = self.bank.state(name)
-        if name in self.heads:
-            state.update({f"head.{k}": v.detach().clone() for k, v in self.heads[name].state_dict().items()})
+        if heads:
+            for t, head in self.heads_of(name).items():
+                state.update({f"head.task{t}.{k}": v.detach().clone() for k, v in head.state_dict().items()})
         return state
+
+    def head_state(self, name: str, task_id: int) -> dict[str, torch.Tensor]:
+        """Copy of the task head ``task_id`` of server adapter ``name`` (empty for causal LMs)."""
+        head = self.heads_of(name).get(task_id)
+        return {} if head is None else {k: v.detach().clone() for k, v in head.state_dict().items()}
 
     @torch.no_grad()
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`adapter_state` returned into adapter ``name`` (in place)."""
-        self.bank.load_state(name, state)
-        if name in self.heads:
-            self.heads[name].load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        """Load what :meth:`adapter_state` returned into adapter ``name`` (in place; heads only where present)."""
+        lora = {k: v for k, v in state.items() if not k.startswith("head.")}
+        if lora or not state:
+            self.bank.load_state(name, lora)
+        for t, head in self.heads_of(name).items():
+            prefix = f"head.task{t}."
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if part:
+                head.load_state_dict(part)
 
     def activate(self, client_adapter: str | None, server_adapter: str | None) -> None:
         self.bank.activate([n for n in (client_adapter, server_adapter) if n is not None])
@@ -172,15 +226,17 @@ class SplitBackbone(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         server_adapter: str | None = None,
+        task_id: int = 0,
     ) -> ServerOutput:
         """Server half, head and loss.
 
         Causal LMs: ``labels`` are aligned with the input (``-100`` = ignore); logits are computed only at the shifted
-        answer positions, never over the vocabulary at every position. Classifiers: ``labels`` is ``[batch]``.
+        answer positions, never over the vocabulary at every position. Classifiers: ``labels`` is ``[batch]`` and the
+        head of task ``task_id`` owned by ``server_adapter`` scores it.
         """
         hidden = self.server_hidden(hidden, attention_mask)
         if self.task == "classification":
-            return self._classify(hidden, labels, server_adapter)
+            return self._classify(hidden, labels, server_adapter, task_id)
         return self._lm_loss(hidden, labels)
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> ServerOutput:
@@ -203,15 +259,24 @@ class SplitBackbone(nn.Module):
         correct[rows[first]] = hits[first]
         return ServerOutput(loss=loss, correct=correct, num_targets=int(gold.numel()))
 
-    def _classify(self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None) -> ServerOutput:
+    def _classify(
+        self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None, task_id: int
+    ) -> ServerOutput:
         pooled = get_submodule(self.model, self.arch.extra["pooler"])(hidden)
         pooled = get_submodule(self.model, self.arch.extra["dropout"])(pooled)
         head = get_submodule(self.model, self.arch.head_path)
-        if server_adapter is not None and server_adapter in self.heads:
-            head = self.heads[server_adapter]
+        if server_adapter is not None:
+            heads = self.heads_of(server_adapter)
+            if heads and task_id not in heads:
+                raise ValueError(
+                    f"server adapter {server_adapter!r} has no head for task {task_id} (it has {sorted(heads)}); "
+                    "call `configure_tasks` with every task's number of labels"
+                )
+            head = heads.get(task_id, head)
         logits = head(pooled).float()
         loss = F.cross_entropy(logits, labels)
-        return ServerOutput(loss=loss, correct=logits.argmax(-1) == labels, num_targets=int(labels.numel()))
+        pred = logits.argmax(-1)
+        return ServerOutput(loss=loss, correct=pred == labels, num_targets=int(labels.numel()), pred=pred)
 
     def forward(
         self,
@@ -220,8 +285,9 @@ class SplitBackbone(nn.Module):
         labels: torch.Tensor,
         client_adapter: str | None = None,
         server_adapter: str | None = None,
+        task_id: int = 0,
     ) -> ServerOutput:
         """Both halves in one call (evaluation, and the monolithic reference of a split step)."""
         self.activate(client_adapter, server_adapter)
         hidden = self.client_forward(input_ids, attention_mask)
-        return self.server_forward(hidden, attention_mask, labels, server_adapter)
+        return self.server_forward(hidden, attention_mask, labels, server_adapter, task_id)

@@ -36,7 +36,7 @@ def split_forward_backward(
     Args:
         backbone: The shared split model.
         channel: The link that carries (and counts) activations and gradients.
-        batch: ``input_ids``, ``attention_mask``, ``labels``.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` and optionally ``task_id`` (which task head; default 0).
         client_adapter: Name of the client-half adapter.
         server_adapter: Name of the server-half adapter.
         backward: How to backpropagate the server loss (``LightningModule.manual_backward`` under a Trainer, so
@@ -47,7 +47,7 @@ def split_forward_backward(
     backbone.activate(client_adapter, server_adapter)
     hidden = backbone.client_forward(batch["input_ids"], mask)
     received = channel.send_activations(hidden, {"attention_mask": mask, "labels": labels}, client_idx)
-    out = backbone.server_forward(received, mask, labels, server_adapter)
+    out = backbone.server_forward(received, mask, labels, server_adapter, int(batch.get("task_id", 0)))
     (backward or _plain_backward)(out.loss)
     if received.grad is None:
         raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
