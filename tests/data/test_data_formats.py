@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_pl.data import collate, encode_causal_lm, encode_classification
+from atlas_pl.data import answer_ids, collate, encode_causal_lm, encode_classification, render_prompt
 from atlas_pl.data.formats import IGNORE_INDEX
 
 
@@ -65,3 +65,48 @@ def test_collate_stacks_int_labels_for_classification():
 def test_collate_rejects_batches_mixing_clients():
     with pytest.raises(ValueError, match="mixes clients"):
         collate([{"input_ids": [1], "labels": 0, "client_idx": 0}, {"input_ids": [1], "labels": 0, "client_idx": 1}], 0)
+
+
+def test_render_prompt_fills_pair_fields_and_qa_aliases():
+    assert render_prompt("{text}|{text_pair}", {"text": "a{b}", "text_pair": "c"}) == "a{b}|c"
+    assert render_prompt("C: {context} Q: {question}", {"text": "x", "text_pair": "y"}) == "C: x Q: y"
+
+
+def test_pair_prompt_truncates_the_longest_field_first_and_keeps_the_answer(gpt2_tokenizer):
+    enc = encode_causal_lm(
+        gpt2_tokenizer, " ".join(["word"] * 100), " yes", 20, "{text}\n{text_pair}\nAnswer:", text_pair="short pair"
+    )
+    text = gpt2_tokenizer.decode(enc["input_ids"])
+    assert len(enc["input_ids"]) == 20 and "\nshort pair\nAnswer: yes<|endoftext|>" in text
+
+
+def test_generative_target_is_cut_to_max_target_length_plus_eos(gpt2_tokenizer):
+    enc = encode_causal_lm(
+        gpt2_tokenizer, "doc", " one two three four five", 64, "{text}\nSummary:", max_target_length=3
+    )
+    assert enc["labels"][-4:] == answer_ids(gpt2_tokenizer, " one two three four five", 3)
+    assert sum(x != IGNORE_INDEX for x in enc["labels"]) == 4
+
+
+def test_encode_classification_encodes_text_pairs_like_the_tokenizer(gpt2_tokenizer):
+    enc = encode_classification(gpt2_tokenizer, "first", 1, 32, text_pair="second")
+    assert enc["input_ids"] == gpt2_tokenizer("first", "second")["input_ids"] and enc["labels"] == 1
+
+
+def test_collate_returns_task_id_and_targets_for_generative_batches():
+    batch = [
+        {"input_ids": [1], "labels": [1], "label": -1, "task_id": 2, "client_idx": 0, "target": "a"},
+        {"input_ids": [2, 3], "labels": [-100, 3], "label": -1, "task_id": 2, "client_idx": 0, "target": "b"},
+    ]
+    out = collate(batch, 0)
+    assert out["task_id"] == 2 and isinstance(out["task_id"], int) and out["targets"] == ["a", "b"]
+    assert out["label"].tolist() == [-1, -1]
+
+
+def test_collate_rejects_batches_mixing_tasks():
+    with pytest.raises(ValueError, match="task_id"):
+        collate(
+            [{"input_ids": [1], "labels": 0, "client_idx": 0, "task_id": 0},
+             {"input_ids": [1], "labels": 0, "client_idx": 0, "task_id": 1}],
+            0,
+        )  # fmt: skip

@@ -99,7 +99,8 @@ class FederatedDataModule(L.LightningDataModule):
         dirichlet_alpha: Dirichlet concentration (> 0); smaller is more label skew.
         quantity_skew: Lognormal sigma of client share sizes (0: equal shares).
         max_examples_per_client: Cap on each client's share (train + validation) after partitioning.
-        max_eval_examples_per_client: Cap on each client's validation and test examples.
+        max_eval_examples_per_client: Cap on each client's test examples (validation comes from the client's share,
+            bounded by ``max_examples_per_client``).
         max_target_length: Maximum answer tokens (before EOS) of generative tasks.
         cache_dir: ``datasets`` cache folder for loaded files and cached tokenization (``None``: HF datasets cache).
     """
@@ -274,8 +275,6 @@ class FederatedDataModule(L.LightningDataModule):
                 n_eval = 0 if held_out is None else len(held_out)
                 tests = split_eval(n_eval, len(clients), self.max_eval_examples_per_client, self.seed * 100_003 + t)
             for c, share, test in zip(clients, shares, tests):
-                if self.max_eval_examples_per_client is not None:
-                    share.val = share.val[: self.max_eval_examples_per_client]
                 splits[c], evals[c] = share, test
         return client_task_ids, [s for s in splits if s is not None], [e for e in evals if e is not None]
 
