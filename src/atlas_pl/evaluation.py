@@ -171,7 +171,7 @@ class FederatedEvaluator(nn.Module):
             seen = metric.seen()
             if not bool(seen.any()):
                 continue
-            values = metric.compute()
+            values = metric.per_client()
             for i in range(len(cluster_ids)):
                 if seen[i]:
                     metrics[f"{prefix}_{name}/client_{i:03d}"] = float(values[i])

@@ -233,7 +233,7 @@ class Federation(L.LightningModule):
             "round/participants": float(len(participants)),
             "round/seconds": time.perf_counter() - self._round_start_time,
         }
-        losses = self.train_loss.compute()
+        losses = self.train_loss.per_client()
         for i in participants:
             metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
         for k, v in self.train_loss.grouped(self.cluster_ids).items():

@@ -40,6 +40,10 @@ class PerClientMean(Metric):
     def compute(self) -> torch.Tensor:
         return self.total / self.weight
 
+    def per_client(self) -> torch.Tensor:
+        """``[num_clients]`` means (NaN where no data); unlike ``compute()`` never squeezed to a scalar."""
+        return self.total / self.weight
+
     def seen(self) -> torch.Tensor:
         """Bool mask of clients that received at least one update."""
         return self.weight > 0

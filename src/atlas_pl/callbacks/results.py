@@ -1,7 +1,9 @@
-"""Write a results JSON at the end of fit: final metrics per client and cluster, history per round, traffic."""
+"""Results of a federated fit: the partition at start; JSON (final, history, traffic) and a per-round CSV at the end."""
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from atlas_pl.io import atomic_write_json
+from atlas_pl.io import atomic_write_json, atomic_write_text
+
+
+def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """Per-round metrics in long format (``round,metric,value``), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["round", "metric", "value"])
+    for row in history:
+        for key, value in row.items():
+            if key != "round" and isinstance(value, (int, float)):
+                writer.writerow([row.get("round"), key, value])
+    atomic_write_text(path, buffer.getvalue())
 
 
 def summary_table(history: list[dict[str, Any]]) -> Table:
@@ -57,6 +71,27 @@ class FederatedResults(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        self.save_partition(trainer)
+
+    @rank_zero_only
+    def save_partition(self, trainer: L.Trainer) -> None:
+        """Save the datamodule's client partition (``partition.csv/json``) and show it in TensorBoard as text."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "partition_table"):
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if hasattr(dm, "save_partition"):
+            dm.save_partition(str(folder / "partition"))
+        rows = dm.partition_table()
+        if not rows:
+            return
+        header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+        text = header + "\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows)
+        for logger in trainer.loggers:
+            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+            if callable(add_text):
+                add_text("partition", text, 0)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -64,6 +99,7 @@ class FederatedResults(Callback):
         self.path = folder / self.filename
         results = self.collect(trainer, pl_module)
         atomic_write_json(self.path, results)
+        write_history_csv(self.path.with_suffix(".csv"), results["history"])
         if self.summary and results["history"]:
             Console(stderr=True).print(summary_table(results["history"]))
         rank_zero_info(f"results written to {self.path}")
