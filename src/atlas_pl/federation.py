@@ -26,6 +26,7 @@ from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import Compression, InProcessChannel
 from atlas_pl.split.scoring import ScoreNorm
+from atlas_pl.split.step import split_forward_backward
 
 ServerAdapters = Literal["per_client", "per_cluster"]
 
@@ -140,6 +141,73 @@ class Federation(L.LightningModule):
             client_idx=idx,
             owns_backbone=False,
         )
+
+    # ------------------------------------------------------------------------------------------ phase hooks
+    def set_clusters(self, cluster_ids: list[int]) -> None:
+        """Assign clients to clusters; with per-cluster server adapters, each cluster gets its own.
+
+        A new cluster's server adapter starts as a copy of the server adapter its first member used so far, so no
+        training is lost. Call :meth:`rebuild_optimizers` afterwards when a Trainer is running.
+
+        Raises:
+            ValueError: Wrong length or a negative id.
+        """
+        ids = [int(c) for c in cluster_ids]
+        if len(ids) != self.num_clients or min(ids) < 0:
+            raise ValueError(
+                f"`cluster_ids` needs {self.num_clients} ids >= 0 (one per client), got {cluster_ids!r}; "
+                "clients left out of clustering must still be assigned a cluster"
+            )
+        previous = [c.server_adapter for c in self.clients]
+        self.cluster_ids = ids
+        for idx, client in enumerate(self.clients):
+            name = self.server_adapter_name(idx)
+            if name not in self.backbone.server_adapters:
+                self.backbone.add_server_adapter(name)
+                self.backbone.load_adapter_state(name, self.backbone.adapter_state(previous[idx]))
+            client.server_adapter = name
+
+    def rebuild_optimizers(self) -> None:
+        """Recreate the optimizers after phase callbacks changed adapters or clusters (fresh optimizer state)."""
+        if self._trainer is not None:
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+    def client_signal(
+        self, client_idx: int, batches: list[dict], kind: Literal["grad_B", "update"] = "update"
+    ) -> dict[str, torch.Tensor]:
+        """A task signal of one client, computed without changing its adapters (phase 1).
+
+        ``grad_B``: the gradient of the client and server LoRA ``B`` factors summed over ``batches`` (``∇_A`` is zero
+        while ``B = 0``). ``update``: the change of every LoRA factor after one split step per batch with a fresh
+        AdamW (the adapters are restored afterwards). Every step crosses the cut and is counted by the channel.
+
+        Returns:
+            ``{"client.<module>.lora_B": tensor, "server.<module>.lora_B": ...}`` (flattened).
+        """
+        client = self.clients[client_idx]
+        sides = {"client": client.client_adapter, "server": client.server_adapter}
+        saved = {n: self.backbone.adapter_state(n) for n in sides.values()}
+        opts = (client.client_optimizer(), client.server_optimizer())
+        with torch.enable_grad():
+            for batch in batches:
+                if kind == "update":
+                    client.run_split_step(batch, opts)
+                else:
+                    split_forward_backward(
+                        self.backbone, self.channel, batch, sides["client"], sides["server"], client_idx=client_idx
+                    )
+        signal: dict[str, torch.Tensor] = {}
+        for side, name in sides.items():
+            for module, (a, b, _) in self.backbone.bank.factors(name).items():
+                if kind == "update":
+                    signal[f"{side}.{module}.lora_A"] = (a.detach() - saved[name][f"{module}.lora_A"]).flatten()
+                    signal[f"{side}.{module}.lora_B"] = (b.detach() - saved[name][f"{module}.lora_B"]).flatten()
+                elif b.grad is not None:
+                    signal[f"{side}.{module}.lora_B"] = b.grad.detach().flatten().clone()
+            for param in self.backbone.server_parameters(name) + self.backbone.bank.parameters(name):
+                param.grad = None
+            self.backbone.load_adapter_state(name, saved[name])
+        return signal
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -343,14 +411,14 @@ class Federation(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("federation", {})
+        self.set_clusters(list(state.get("cluster_ids", self.cluster_ids)))  # creates per-cluster server adapters
         missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
         if missing:
             raise ValueError(
                 f"checkpoint lacks {len(missing)} adapter tensors (first: {missing[0]}); it was written "
                 "by a federation with other clients, ranks or cut layer: resume with the same config"
             )
-        state = checkpoint.get("federation", {})
-        self.cluster_ids = list(state.get("cluster_ids", self.cluster_ids))
         self.num_examples = list(state.get("num_examples", self.num_examples))
         self.history = list(state.get("history", []))
         self.channel.stats.load_state_dict(state.get("channel", {}))

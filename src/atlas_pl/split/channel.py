@@ -25,13 +25,14 @@ class ChannelStats:
     gradients_down: int = 0
     adapters_up: int = 0
     adapters_down: int = 0
+    fingerprints_up: int = 0
     messages: int = 0
     per_client_up: dict[int, int] = field(default_factory=dict)
     per_client_down: dict[int, int] = field(default_factory=dict)
 
     @property
     def bytes_up(self) -> int:
-        return self.activations_up + self.metadata_up + self.adapters_up
+        return self.activations_up + self.metadata_up + self.adapters_up + self.fingerprints_up
 
     @property
     def bytes_down(self) -> int:
@@ -44,6 +45,7 @@ class ChannelStats:
             "gradients_down": self.gradients_down,
             "adapters_up": self.adapters_up,
             "adapters_down": self.adapters_down,
+            "fingerprints_up": self.fingerprints_up,
             "messages": self.messages,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -56,7 +58,8 @@ class ChannelStats:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down", "messages"):
+        keys = ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down", "fingerprints_up")
+        for key in (*keys, "messages"):
             setattr(self, key, int(state.get(key, 0)))
         self.per_client_up = {int(k): int(v) for k, v in state.get("per_client_up", {}).items()}
         self.per_client_down = {int(k): int(v) for k, v in state.get("per_client_down", {}).items()}
@@ -129,6 +132,11 @@ class Channel:
         self.stats.adapters_up += nbytes_up
         self.stats.adapters_down += nbytes_down
         self._count(client_idx, up=nbytes_up, down=nbytes_down)
+
+    def send_fingerprint(self, nbytes: int, client_idx: int = 0) -> None:
+        """Count a task fingerprint sent from client to server (phase 1)."""
+        self.stats.fingerprints_up += nbytes
+        self._count(client_idx, up=nbytes, down=0)
 
     def _transfer(self, tensor: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
