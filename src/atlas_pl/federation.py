@@ -110,6 +110,7 @@ class Federation(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
         lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules)
         base = load_model(model, task_format, num_labels, model_overrides, dtype)
+        base.train()  # pretrained checkpoints load in eval mode; fine-tuning runs dropout as Hugging Face does
         self.backbone = SplitBackbone(base, cut_layer, lora)
         self.channel = InProcessChannel(compression)
         self.num_clients = num_clients
@@ -120,6 +121,7 @@ class Federation(L.LightningModule):
         self.train_loss = PerClientMean(num_clients)
         self.evaluator = FederatedEvaluator(num_clients, None, scoring, score_norm, max_new_tokens)
         self.history: list[dict[str, Any]] = []
+        self.external_aggregation = False  # set by a ClusterAggregation callback that takes aggregation over
         self._participants: set[int] = set()
         self._round_start_bytes = (0, 0)
         self._round_start_time = 0.0
@@ -288,10 +290,15 @@ class Federation(L.LightningModule):
         if is_round_end(self.trainer, batch_idx):
             self.end_round()
 
+    @property
+    def participants(self) -> list[int]:
+        """Clients that trained in the current round so far."""
+        return sorted(self._participants)
+
     def end_round(self) -> None:
         """Aggregate the round's adapters (unless a phase callback owns aggregation) and log the round."""
         participants = sorted(self._participants)
-        if self.aggregation == "fedavg" and participants:
+        if self.aggregation == "fedavg" and participants and not self.external_aggregation:
             self.aggregate(participants)
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats
@@ -326,14 +333,14 @@ class Federation(L.LightningModule):
                 for i in members:
                     self.backbone.load_adapter_state(getattr(self.clients[i], kind), merged)
             if self.server_adapters == "per_client":
-                self._aggregate_heads(active, members)
+                self.aggregate_heads(active, members)
             for i in active:
                 nbytes = bank.nbytes(self.clients[i].client_adapter)
                 self.channel.send_adapters(nbytes, 0, client_idx=i)
             for i in members:
                 self.channel.send_adapters(0, bank.nbytes(self.clients[i].client_adapter), client_idx=i)
 
-    def _aggregate_heads(self, active: list[int], members: list[int]) -> None:
+    def aggregate_heads(self, active: list[int], members: list[int]) -> None:
         """Per task: average the task head over the active clients holding that task; send it to the members."""
         for task in sorted({self.client_task_ids[i] for i in active}):
             holders = [i for i in active if self.client_task_ids[i] == task]

@@ -1,0 +1,231 @@
+"""``ClusterAggregation``: phase 4 of ATLAS — per-cluster aggregation of heterogeneous-rank LoRA adapters.
+
+At the end of a round the adapters of each cluster's participating clients are merged exactly
+(``ΔW_c = Σ p_i s_i B_i A_i`` from stacked factors, see ``algorithms.aggregation``) and every member of the cluster
+receives the merge re-decomposed to its own ranks; the baselines (``fedavg``, ``zero_pad``, ``flora``,
+``dense_svd``) are options of the same call.
+
+Two ways to use it:
+
+* with ``Federation`` (atlas-pl's module: many simulated clients over one backbone) — it takes aggregation over from
+  the module's built-in FedAvg;
+* in any Lightning project whose module holds peft LoRA layers and trains under DDP, where each process is one client
+  with its own rank pattern: every ``every_n_rounds`` epochs it gathers the adapters across processes with
+  ``torch.distributed`` collectives, merges within the cluster named by the module's ``cluster_id`` attribute (0 if
+  absent) and loads each process's share back. The module may expose ``num_examples`` (aggregation weight; default 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from atlas_pl.algorithms.aggregation import AggregationReport, Method, aggregate_lora
+
+METHODS = ("exact", "fedavg", "zero_pad", "flora", "dense_svd")
+
+
+class ClusterAggregation(Callback):
+    """Aggregate LoRA adapters per cluster at the end of every ``every_n_rounds`` rounds.
+
+    Args:
+        method: ``exact`` (ATLAS: lossless merge, best rank-``r_j`` re-decomposition per client), ``fedavg``
+            (SplitLoRA; equal ranks), ``zero_pad`` (HetLoRA-style), ``flora`` (merge into the base weights; one
+            cluster only, because the frozen base is shared), ``dense_svd`` (FlexLoRA).
+        every_n_rounds: Aggregate after every N-th round (epoch).
+        adapter_name: DDP mode: the peft adapter to aggregate.
+    """
+
+    def __init__(self, method: Method = "exact", every_n_rounds: int = 1, adapter_name: str = "default") -> None:
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+        if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
+            raise ValueError(f"`every_n_rounds` must be an int >= 1, got {every_n_rounds!r}")
+        self.method: Method = method
+        self.every_n_rounds = every_n_rounds
+        self.adapter_name = adapter_name
+        self.last_round = -1
+        self.reports: dict[int, AggregationReport] = {}
+
+    def should_aggregate(self, round_idx: int) -> bool:
+        """Whether to aggregate at the end of ``round_idx`` (0-based)."""
+        return (round_idx + 1) % self.every_n_rounds == 0 and round_idx > self.last_round
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if _is_federation(pl_module):
+            pl_module.external_aggregation = True  # type: ignore[assignment]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not _is_federation(pl_module) and not _lora_layers(pl_module, self.adapter_name):
+            raise ValueError(
+                f"ClusterAggregation found no peft LoRA layers with adapter {self.adapter_name!r} in "
+                f"{type(pl_module).__name__}; wrap the model with peft.get_peft_model or set `adapter_name`"
+            )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not _is_federation(pl_module) or batch_idx + 1 < trainer.num_training_batches:
+            return
+        if self.should_aggregate(trainer.current_epoch):
+            self.aggregate_federation(pl_module)
+            self.last_round = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _is_federation(pl_module) or not self.should_aggregate(trainer.current_epoch):
+            return
+        self.aggregate_distributed(pl_module)
+        self.last_round = trainer.current_epoch
+
+    # ------------------------------------------------------------------------------------------ federation
+    @torch.no_grad()
+    def aggregate_federation(self, fed: Any) -> dict[str, float]:
+        """Aggregate every cluster of a ``Federation`` (client and per-client server adapters); log; return metrics."""
+        metrics: dict[str, float] = {}
+        participants = fed.participants
+        kinds = ["client_adapter"] + (["server_adapter"] if fed.server_adapters == "per_client" else [])
+        for cluster in sorted(set(fed.cluster_ids)):
+            members = [i for i, c in enumerate(fed.cluster_ids) if c == cluster]
+            active = [i for i in participants if i in members]
+            if not active:
+                continue
+            for kind in kinds:
+                names = [getattr(fed.clients[i], kind) for i in members]
+                weights = [fed.num_examples[i] for i in active]
+                report, order = self._merge_into(fed, names, [members.index(i) for i in active], weights)
+                nbytes = self._count(fed, kind, members, active)
+                side = kind.split("_")[0]
+                metrics.update(_report_metrics(report, cluster, side, [members[j] for j in order]))
+                metrics[f"aggregation/{side}_bytes/cluster_{cluster}"] = float(nbytes)
+            if fed.server_adapters == "per_client":
+                fed.aggregate_heads(active, members)
+        fed.log_round(metrics)
+        return metrics
+
+    def _merge_into(
+        self, fed: Any, names: list[str], active: list[int], weights: list[int]
+    ) -> tuple[AggregationReport, list[int]]:
+        """Merge the active adapters among ``names``; load the result into all of them; report and their order."""
+        bank = fed.backbone.bank
+        states = [bank.state(names[j]) for j in active]
+        scalings = [{m: s for m, (_, _, s) in bank.factors(names[j]).items()} for j in active]
+        ranks = [dict(bank.ranks[n]) for n in names]
+        # Every member receives the merge at its own ranks: the active clients first, then the others.
+        order = active + [j for j in range(len(names)) if j not in active]
+        if self.method == "flora" and len(set(fed.cluster_ids)) > 1:
+            raise ValueError(
+                "`method='flora'` merges into the frozen base weights, which all clusters share; use it "
+                "with one cluster, or choose 'exact'"
+            )
+        new_states, report = aggregate_lora(
+            states + [states[0]] * (len(order) - len(active)),
+            weights + [0] * (len(order) - len(active)),
+            scalings + [scalings[0]] * (len(order) - len(active)),
+            target_ranks=[ranks[j] for j in order],
+            method=self.method,
+        )
+        for j, state in zip(order, new_states):
+            bank.load_state(names[j], state)
+        if report.base_updates:
+            _add_to_base(fed.backbone, report.base_updates)
+        return report, order
+
+    @staticmethod
+    def _count(fed: Any, kind: str, members: list[int], active: list[int]) -> int:
+        """Count adapters up (active clients) and down (every member); return the bytes."""
+        bank = fed.backbone.bank
+        total = 0
+        for i in active:
+            total += bank.nbytes(getattr(fed.clients[i], kind))
+            fed.channel.send_adapters(bank.nbytes(getattr(fed.clients[i], kind)), 0, client_idx=i)
+        for i in members:
+            total += bank.nbytes(getattr(fed.clients[i], kind))
+            fed.channel.send_adapters(0, bank.nbytes(getattr(fed.clients[i], kind)), client_idx=i)
+        return total
+
+    # ------------------------------------------------------------------------------ DDP (one client per process)
+    @torch.no_grad()
+    def aggregate_distributed(self, pl_module: L.LightningModule) -> AggregationReport | None:
+        """Gather this cluster's adapters from every process, merge, and load this process's share."""
+        layers = _lora_layers(pl_module, self.adapter_name)
+        state = {f"{n}.lora_A": m.lora_A[self.adapter_name].weight.detach().cpu() for n, m in layers}
+        state.update({f"{n}.lora_B": m.lora_B[self.adapter_name].weight.detach().cpu() for n, m in layers})
+        scaling = {n: float(m.scaling[self.adapter_name]) for n, m in layers}
+        cluster = int(getattr(pl_module, "cluster_id", 0))
+        mine: dict[str, Any] = {
+            "state": state,
+            "scaling": scaling,
+            "num_examples": float(getattr(pl_module, "num_examples", 1)),
+            "cluster": cluster,
+            "rank": _rank(),
+        }
+        peers = sorted((p for p in _all_gather(mine) if p["cluster"] == mine["cluster"]), key=lambda p: p["rank"])
+        me = [p["rank"] for p in peers].index(mine["rank"])
+        new_states, report = aggregate_lora(
+            [p["state"] for p in peers],
+            [p["num_examples"] for p in peers],
+            [p["scaling"] for p in peers],
+            method=self.method,
+        )
+        ours = new_states[me]
+        for n, m in layers:
+            m.lora_A[self.adapter_name].weight.copy_(ours[f"{n}.lora_A"])
+            m.lora_B[self.adapter_name].weight.copy_(ours[f"{n}.lora_B"])
+        self.reports[cluster] = report
+        metrics = _report_metrics(report, cluster, "adapter", [p["rank"] for p in peers])
+        for logger in pl_module.loggers:
+            logger.log_metrics(metrics, step=pl_module.current_epoch)
+        return report
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_round": self.last_round, "method": self.method}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_round = int(state_dict.get("last_round", -1))
+
+
+def _is_federation(module: Any) -> bool:
+    return hasattr(module, "clients") and hasattr(module, "backbone") and hasattr(module, "cluster_ids")
+
+
+def _lora_layers(module: torch.nn.Module, adapter: str) -> list[tuple[str, Any]]:
+    return [(n, m) for n, m in module.named_modules() if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _all_gather(obj: dict) -> list[dict]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _report_metrics(report: AggregationReport, cluster: int, side: str, members: list[int]) -> dict[str, float]:
+    norms = list(report.update_norm.values())
+    out = {
+        f"aggregation/{side}_update_norm/cluster_{cluster}": float(sum(norms) / max(1, len(norms))),
+        f"aggregation/{side}_bytes/cluster_{cluster}": float(report.bytes_exchanged),
+    }
+    for j, client in enumerate(members):
+        errors = [errs[j] for errs in report.truncation_error.values() if j < len(errs)]
+        if errors:
+            out[f"aggregation/{side}_truncation_error/client_{client:03d}"] = float(max(errors))
+    return out
+
+
+def _add_to_base(backbone: Any, updates: dict[str, torch.Tensor]) -> None:
+    """FLoRA: add each module's dense merged update to its frozen base weight (Conv1D stores ``W`` transposed)."""
+    for module, delta in updates.items():
+        layer = backbone.model.get_submodule(module).get_base_layer()
+        weight = layer.weight
+        weight.add_((delta.T if backbone.arch.fan_in_fan_out else delta).to(weight.dtype))
