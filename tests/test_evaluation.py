@@ -74,3 +74,13 @@ def test_first_token_scoring_judges_the_argmax_of_the_first_answer_token() -> No
     evaluator.update(_client(0, split), _batch(0, 0, [5, EOS], [0]))  # gold first token 5, the model says X
 
     assert evaluator.compute("val", [0])["val_acc"] == 0.0
+
+
+def test_label_first_token_scoring_compares_label_words_at_the_first_answer_position() -> None:
+    split = _hand_built()
+    tasks = [TaskInfo("sentiment", "classification", 2, label_ids=[[5, EOS], [X, EOS]])]
+    evaluator = FederatedEvaluator(1, tasks, scoring="label_first_token")
+
+    evaluator.update(_client(0, split), _batch(0, 0, [5, EOS], [1, 0]))  # the model prefers X: label 1
+
+    assert evaluator.compute("val", [0])["val_acc"] == 0.5

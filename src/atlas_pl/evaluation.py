@@ -19,7 +19,7 @@ from atlas_pl.client import SplitClient
 from atlas_pl.metrics import PRIMARY, PerClientMean, TaskKind, TaskMetrics, example_scores
 from atlas_pl.split.scoring import ScoreNorm, answer_starts, greedy_generate, score_label_words
 
-Scoring = Literal["label_words", "first_token"]
+Scoring = Literal["label_words", "label_first_token", "first_token"]
 
 
 @dataclass
@@ -57,8 +57,10 @@ class FederatedEvaluator(nn.Module):
         num_clients: Number of clients.
         tasks: Task descriptions (index = ``task_id`` of the batches); ``None`` = one anonymous classification task
             scored by ``ServerOutput.correct``.
-        scoring: Causal-LM classification: ``label_words`` compares the log-likelihood of each label's answer tokens;
-            ``first_token`` takes the argmax of the first answer token over the whole vocabulary (cheaper, stricter).
+        scoring: Causal-LM classification: ``label_words`` compares the log-likelihood of each label's answer tokens
+            (one extra forward pass per label); ``label_first_token`` compares the label words' first tokens at the
+            first answer position (free: the loss pass computes those logits; falls back to ``label_words`` when two
+            labels share a first token); ``first_token`` takes the argmax over the whole vocabulary (strictest).
         score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
         max_new_tokens: Generation length for QA and summarization tasks.
         eos_token_id: EOS token that stops generation.
@@ -76,8 +78,8 @@ class FederatedEvaluator(nn.Module):
         decode: Any = None,
     ) -> None:
         super().__init__()
-        if scoring not in ("label_words", "first_token"):
-            raise ValueError(f"`scoring` must be 'label_words' or 'first_token', got {scoring!r}")
+        if scoring not in ("label_words", "label_first_token", "first_token"):
+            raise ValueError(f"`scoring` must be 'label_words', 'label_first_token' or 'first_token', got {scoring!r}")
         self.tasks = list(tasks or [])
         self.scoring, self.score_norm, self.max_new_tokens = scoring, score_norm, max_new_tokens
         self.eos_token_id, self.decode = eos_token_id, decode
@@ -111,7 +113,7 @@ class FederatedEvaluator(nn.Module):
         if task.kind != "classification":
             self._update_generated(client, batch, idx, task_id, task)
             return
-        pred = self._predict_class(client, batch, task, out.pred)
+        pred = self._predict_class(client, batch, task, out.pred, out.first_logits)
         target = batch["label"] if "label" in batch else batch["labels"]
         if pred is None:  # first-token scoring: correctness only
             self._update_correct(idx, out.correct)
@@ -126,12 +128,20 @@ class FederatedEvaluator(nn.Module):
         self.score.update(value, idx, correct.numel())
 
     def _predict_class(
-        self, client: SplitClient, batch: dict, task: TaskInfo, head_pred: torch.Tensor | None
+        self,
+        client: SplitClient,
+        batch: dict,
+        task: TaskInfo,
+        head_pred: torch.Tensor | None,
+        first_logits: torch.Tensor | None,
     ) -> torch.Tensor | None:
         if head_pred is not None:  # encoder: the task head's argmax
             return head_pred
         if self.scoring == "first_token" or not task.label_ids:
             return None
+        firsts = [ids[0] for ids in task.label_ids]
+        if self.scoring == "label_first_token" and first_logits is not None and len(set(firsts)) == len(firsts):
+            return first_logits[:, firsts].argmax(dim=1)
         scores = score_label_words(
             client.split,
             batch["input_ids"],

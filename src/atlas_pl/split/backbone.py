@@ -36,12 +36,15 @@ class ServerOutput:
             is predicted (classification).
         num_targets: Number of target tokens/examples the loss averages over.
         pred: Predicted class per example (classification), else ``None``.
+        first_logits: Causal LM: ``[B, vocab]`` logits at each example's first answer position (``-inf`` rows for
+            examples without an answer); lets evaluation compare label words' first tokens at no extra cost.
     """
 
     loss: torch.Tensor
     correct: torch.Tensor
     num_targets: int
     pred: torch.Tensor | None = None
+    first_logits: torch.Tensor | None = None
 
 
 def split_model(model: nn.Module, cut_layer: int) -> tuple[nn.ModuleList, nn.ModuleList]:
@@ -257,7 +260,9 @@ class SplitBackbone(nn.Module):
         first[1:] = rows[1:] != rows[:-1]  # the first answer token of each example (the label word)
         correct = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
         correct[rows[first]] = hits[first]
-        return ServerOutput(loss=loss, correct=correct, num_targets=int(gold.numel()))
+        first_logits = logits.new_full((labels.shape[0], logits.shape[-1]), float("-inf"))
+        first_logits[rows[first]] = logits[first].detach()
+        return ServerOutput(loss=loss, correct=correct, num_targets=int(gold.numel()), first_logits=first_logits)
 
     def _classify(
         self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None, task_id: int
