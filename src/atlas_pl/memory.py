@@ -300,10 +300,12 @@ class _Ctx:
             saved = (2 * s.q_dim + 2 * s.kv_dim) * a + 4 * s.num_heads
             return [Stage("attention", saved, (2 * s.q_dim + 2 * s.kv_dim) * a)]
         scores = s.num_heads * self.seq_len  # math path: softmax output, dropout mask, dropped probabilities
+        a = 4 if self.device == "cpu" else a  # the CPU math path upcasts bf16/fp16 inputs to float32
+        mask = 4 if self.device == "cpu" else self.mask
         qk = 2 * s.q_dim
         if self.first_block:
             qk = s.q_dim * ((k_name in self.ranks) + (q_name in self.ranks))
-        saved = (qk + s.q_dim) * a + scores * (2 * a + self.mask)
+        saved = (qk + s.q_dim) * a + scores * (2 * a + mask)
         return [Stage("attention", saved, (3 * scores + 2 * s.q_dim) * a)]
 
     def attention_out(self, name: str) -> list[Stage]:
