@@ -29,6 +29,7 @@ from atlas_pl.split.scoring import ScoreNorm
 from atlas_pl.split.step import split_forward_backward
 
 ServerAdapters = Literal["per_client", "per_cluster"]
+AGGREGATIONS = ("fedavg", "exact", "zero_pad", "dense_svd", "flora", "none")
 
 
 def _numpy_state() -> tuple:
@@ -60,8 +61,10 @@ class Federation(L.LightningModule):
         target_modules: Module suffixes inside a block to adapt; ``None`` = the architecture's default.
         learning_rate: AdamW learning rate (client and server adapters).
         weight_decay: AdamW weight decay.
-        aggregation: ``fedavg`` averages adapters across the round's participants (SplitLoRA); ``none`` keeps every
-            client's adapter local (the local-only baseline).
+        aggregation: How each cluster's adapters are merged at round end: ``fedavg`` averages ``A`` and ``B``
+            separately (SplitLoRA; equal ranks), ``exact`` merges heterogeneous ranks losslessly and re-decomposes
+            to each client's ranks (ATLAS), ``zero_pad`` / ``dense_svd`` / ``flora`` are baselines, ``none`` keeps
+            every client's adapter local (the local-only baseline). A ``ClusterAggregation`` callback overrides it.
         server_adapters: ``per_cluster``: clients of a cluster train one shared server adapter in turn;
             ``per_client``: each client has its own server adapter, aggregated like the client adapters.
         compression: Wire format of activations/gradients across the cut (``none``, ``fp16``, ``bf16``, ``int8``).
@@ -86,7 +89,7 @@ class Federation(L.LightningModule):
         target_modules: list[str] | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
-        aggregation: Literal["fedavg", "none"] = "fedavg",
+        aggregation: Literal["fedavg", "exact", "zero_pad", "dense_svd", "flora", "none"] = "fedavg",
         server_adapters: ServerAdapters = "per_cluster",
         compression: Compression = "none",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -97,8 +100,8 @@ class Federation(L.LightningModule):
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}")
-        if aggregation not in ("fedavg", "none"):
-            raise ValueError(f"`aggregation` must be 'fedavg' or 'none', got {aggregation!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}")
         if server_adapters not in ("per_client", "per_cluster"):
             raise ValueError(f"`server_adapters` must be 'per_client' or 'per_cluster', got {server_adapters!r}")
         validate_rank(lora_rank, "lora_rank")
@@ -168,6 +171,30 @@ class Federation(L.LightningModule):
                 self.backbone.add_server_adapter(name)
                 self.backbone.load_adapter_state(name, self.backbone.adapter_state(previous[idx]))
             client.server_adapter = name
+
+    def set_client_ranks(self, rank_patterns: list[dict[str, int]]) -> None:
+        """Give each client adapter its own per-module ranks (phase 2); the adapters restart from ``B = 0``.
+
+        Every module keeps the update scaling ``lora_alpha / lora_rank``. Call :meth:`rebuild_optimizers` afterwards
+        when a Trainer is running.
+
+        Raises:
+            ValueError: Not one pattern per client.
+        """
+        if len(rank_patterns) != self.num_clients:
+            raise ValueError(
+                f"`rank_patterns` needs one pattern per client ({self.num_clients}), got {len(rank_patterns)}"
+            )
+        for client, pattern in zip(self.clients, rank_patterns):
+            self.resize_adapter(client.client_adapter, pattern)
+
+    def resize_adapter(self, name: str, rank_pattern: dict[str, int]) -> None:
+        """Re-create adapter ``name`` with ``rank_pattern`` unless it already has exactly those ranks."""
+        bank = self.backbone.bank
+        if {m: bank.ranks[name][m] for m in rank_pattern} == dict(rank_pattern):
+            return
+        lora = self.backbone.lora
+        bank.resize(name, dict(rank_pattern), lora.alpha / lora.rank, lora.dropout)
 
     def rebuild_optimizers(self) -> None:
         """Recreate the optimizers after phase callbacks changed adapters or clusters (fresh optimizer state)."""
@@ -298,7 +325,7 @@ class Federation(L.LightningModule):
     def end_round(self) -> None:
         """Aggregate the round's adapters (unless a phase callback owns aggregation) and log the round."""
         participants = sorted(self._participants)
-        if self.aggregation == "fedavg" and participants and not self.external_aggregation:
+        if self.aggregation != "none" and participants and not self.external_aggregation:
             self.aggregate(participants)
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats
@@ -318,27 +345,13 @@ class Federation(L.LightningModule):
 
     @torch.no_grad()
     def aggregate(self, participants: list[int]) -> None:
-        """FedAvg of client adapters (and per-client server adapters) within each cluster; results sent to all."""
-        bank = self.backbone.bank
-        for cluster in sorted(set(self.cluster_ids)):
-            members = [i for i, c in enumerate(self.cluster_ids) if c == cluster]
-            active = [i for i in participants if i in members]
-            if not active:
-                continue
-            weights = [self.num_examples[i] for i in active]
-            kinds = ["client_adapter"] + (["server_adapter"] if self.server_adapters == "per_client" else [])
-            for kind in kinds:
-                states = [self.backbone.adapter_state(getattr(self.clients[i], kind), heads=False) for i in active]
-                merged = fedavg(states, weights)
-                for i in members:
-                    self.backbone.load_adapter_state(getattr(self.clients[i], kind), merged)
-            if self.server_adapters == "per_client":
-                self.aggregate_heads(active, members)
-            for i in active:
-                nbytes = bank.nbytes(self.clients[i].client_adapter)
-                self.channel.send_adapters(nbytes, 0, client_idx=i)
-            for i in members:
-                self.channel.send_adapters(0, bank.nbytes(self.clients[i].client_adapter), client_idx=i)
+        """Aggregate the round's adapters within each cluster with ``self.aggregation`` and send them to all members.
+
+        The same code path as the ``ClusterAggregation`` callback (which takes over when it is attached).
+        """
+        from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
+
+        ClusterAggregation(cast(Any, self.aggregation)).aggregate_federation(self)
 
     def aggregate_heads(self, active: list[int], members: list[int]) -> None:
         """Per task: average the task head over the active clients holding that task; send it to the members."""
@@ -420,6 +433,9 @@ class Federation(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("federation", {})
         self.set_clusters(list(state.get("cluster_ids", self.cluster_ids)))  # creates per-cluster server adapters
+        for name, ranks in state.get("adapter_ranks", {}).items():  # ranks chosen by phase 2 before the checkpoint
+            if name in self.backbone.bank.ranks:
+                self.resize_adapter(name, {m: int(r) for m, r in ranks.items()})
         missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
         if missing:
             raise ValueError(

@@ -7,6 +7,7 @@ client switches the active adapter names of every LoRA layer in O(number of laye
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,41 @@ class AdapterBank:
             )
         for p in self.parameters(name):
             p.requires_grad_(True)
+
+    def delete(self, name: str) -> None:
+        """Remove adapter ``name`` from every layer.
+
+        Raises:
+            KeyError: Unknown adapter.
+        """
+        if name not in self.ranks:
+            raise KeyError(f"unknown adapter {name!r}; known adapters: {self.names[:8]}...")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            for _, layer in self._layers:
+                if name in layer.lora_A:
+                    layer.delete_adapter(name)
+        assert self.peft_model is not None
+        self.peft_model.peft_config.pop(name, None)
+        del self.ranks[name]
+
+    def resize(self, name: str, rank_pattern: dict[str, int], scaling: float, dropout: float = 0.0) -> None:
+        """Re-create adapter ``name`` on the same modules with per-module ranks (fresh LoRA init: ``B = 0``).
+
+        Every module gets the update scaling ``scaling`` (``alpha_m / r_m``), whatever its rank; modules missing from
+        ``rank_pattern`` keep their rank.
+
+        Raises:
+            KeyError: Unknown adapter, or ``rank_pattern`` names a module the adapter does not cover.
+        """
+        modules = list(self.ranks.get(name, {}))
+        unknown = sorted(set(rank_pattern) - set(modules))
+        if name not in self.ranks or unknown:
+            raise KeyError(f"cannot resize {name!r}: unknown adapter, or modules {unknown[:3]} it does not cover")
+        full = {m: int(rank_pattern.get(m, self.ranks[name][m])) for m in modules}
+        reference = max(full.values())
+        self.delete(name)
+        self.add(name, modules, reference, scaling * reference, dropout, full)
 
     def activate(self, names: Iterable[str]) -> None:
         """Make exactly ``names`` the active adapters of every LoRA layer (layers lacking one skip it)."""

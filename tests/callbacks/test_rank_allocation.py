@@ -1,0 +1,124 @@
+"""RankAllocation: budget-fitted, importance-shaped ranks written into the federation's adapters."""
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from scipy.stats import spearmanr
+
+from atlas_pl.callbacks.rank_allocation import RankAllocation
+from atlas_pl.data import FederatedDataModule
+from atlas_pl.federation import Federation
+from atlas_pl.io import AtomicCheckpointIO
+
+SHAPE = {"n_layer": 4, "n_embd": 64, "n_head": 2, "initializer_range": 0.1}
+TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+def _setup(num_clients: int = 4):
+    L.seed_everything(0, verbose=False)
+    fed = Federation(
+        model="gpt2-tiny",
+        model_overrides=dict(SHAPE),
+        target_modules=TARGETS,
+        num_clients=num_clients,
+        cut_layer=2,
+        lora_rank=8,
+        learning_rate=3e-3,
+        aggregation="exact",
+    )
+    dm = FederatedDataModule(
+        num_clients=num_clients,
+        num_groups=2,
+        tasks_per_group=1,
+        examples_per_client=32,
+        max_length=32,
+        batch_size=8,
+        local_steps=1,
+        seed=0,
+    )
+    return fed, dm
+
+
+def _trainer(tmp_path, callbacks, max_epochs=0) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def _budgets(fed, dm, extra_mib: list[float]) -> list[int]:
+    dm.setup()
+    estimate = RankAllocation.estimate_fn(fed, dm)
+    modules = list(fed.backbone.bank.ranks["client_0"])
+    floor = estimate(None, dict.fromkeys(modules, 1)).total
+    return [int(floor + x * 2**20) for x in extra_mib]
+
+
+def test_estimates_fit_budgets_ranks_grow_with_budget_and_patterns_agree(tmp_path) -> None:
+    fed, dm = _setup()
+    fed.set_clusters([0, 0, 0, 0])
+    budgets = _budgets(fed, dm, [0.05, 0.3, 1.0, 3.0])
+    allocation = RankAllocation(budgets=budgets, r_min=1, r_max=16)
+    _trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
+
+    rows = allocation.allocations
+    assert all(a["peak_bytes"] <= a["budget_bytes"] for a in rows)
+    totals = [sum(a["rank_pattern"].values()) for a in rows]
+    assert totals == sorted(totals) and totals[-1] > totals[0]
+    modules = list(rows[0]["rank_pattern"])
+    for a in rows[1:3]:  # below the budgets where clipping at r_max flattens the pattern
+        rho = spearmanr([rows[-1]["rank_pattern"][m] for m in modules], [a["rank_pattern"][m] for m in modules])[0]
+        assert rho != rho or rho >= 0.5  # NaN when one pattern is constant
+    for i, a in enumerate(rows):
+        assert fed.backbone.bank.ranks[f"client_{i}"] == a["rank_pattern"]
+
+
+def test_uniform_pattern_gives_every_module_one_rank(tmp_path) -> None:
+    fed, dm = _setup()
+    allocation = RankAllocation(budgets=_budgets(fed, dm, [0.2, 2.0]), pattern="uniform", r_max=16)
+    _trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
+    for a in allocation.allocations:
+        assert len(set(a["rank_pattern"].values())) == 1
+
+
+def test_resume_restores_the_allocated_ranks(tmp_path) -> None:
+    fed, dm = _setup()
+    budgets = _budgets(fed, dm, [0.1, 2.0])
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(tmp_path, [RankAllocation(budgets=budgets), ckpt], max_epochs=1).fit(fed, datamodule=dm)
+
+    resumed, dm2 = _setup()
+    allocation = RankAllocation(budgets=budgets)
+    allocation.run = lambda *a, **k: pytest.fail("a resumed run must not allocate again")
+    ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(tmp_path, [allocation, ckpt2], max_epochs=2).fit(
+        resumed, datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    for i in range(4):
+        assert resumed.backbone.bank.ranks[f"client_{i}"] == fed.backbone.bank.ranks[f"client_{i}"]
+
+
+def test_a_budget_below_the_minimum_names_the_client_and_the_minimum(tmp_path) -> None:
+    fed, dm = _setup()
+    budgets = _budgets(fed, dm, [1.0, 1.0, -0.5, 1.0])
+    with pytest.raises(ValueError, match=r"client 2: memory budget .* below"):
+        _trainer(tmp_path, [RankAllocation(budgets=budgets)]).fit(fed, datamodule=dm)
+
+
+def test_constructor_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        RankAllocation()
+    with pytest.raises(ValueError, match="profile"):
+        RankAllocation(profiles=["toaster-2mb"])
+    with pytest.raises(ValueError):
+        RankAllocation(budgets=["eight gigs"])
+    with pytest.raises(ValueError, match="r_min"):
+        RankAllocation(budgets=["1GB"], r_min=8, r_max=4)
