@@ -122,3 +122,18 @@ def test_constructor_rejects_bad_input() -> None:
         RankAllocation(budgets=["eight gigs"])
     with pytest.raises(ValueError, match="r_min"):
         RankAllocation(budgets=["1GB"], r_min=8, r_max=4)
+
+
+def test_shared_weakest_ranks_fit_everyone_and_strongest_ranks_exceed_small_budgets(tmp_path) -> None:
+    fed, dm = _setup()
+    budgets = _budgets(fed, dm, [0.1, 0.5, 1.0, 3.0])
+    weakest = RankAllocation(budgets=budgets, pattern="uniform", share="weakest")
+    _trainer(tmp_path, [weakest]).fit(fed, datamodule=dm)
+    assert len({tuple(a["rank_pattern"].values()) for a in weakest.allocations}) == 1
+    assert all(a["peak_bytes"] <= a["budget_bytes"] for a in weakest.allocations)
+
+    fed2, dm2 = _setup()
+    strongest = RankAllocation(budgets=budgets, pattern="uniform", share="strongest")
+    _trainer(tmp_path, [strongest]).fit(fed2, datamodule=dm2)
+    assert strongest.allocations[0]["peak_bytes"] > strongest.allocations[0]["budget_bytes"]
+    assert strongest.allocations[-1]["peak_bytes"] <= strongest.allocations[-1]["budget_bytes"]

@@ -58,7 +58,7 @@ def test_fingerprints_recover_the_synthetic_task_groups_for_five_seeds(tmp_path)
     aris = []
     for seed in range(5):
         fed, dm = _setup(seed)
-        clustering = TaskClustering(num_clusters=3, seed=seed)
+        clustering = TaskClustering(num_clusters=3, num_batches=4, seed=seed)
         _trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
         aris.append(clustering.metrics(clustering.result, dm)["clustering/ari_vs_group"])
     assert aris == [1.0] * 5

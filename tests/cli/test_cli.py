@@ -10,10 +10,26 @@ import yaml
 
 from atlas_pl.cli import main
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
-TINY = ["--model.model_overrides", '{"n_layer": 2, "n_embd": 32, "n_head": 2}', "--data.num_clients", "3",
-        "--data.num_groups", "1", "--data.tasks_per_group", "1", "--data.examples_per_client", "16",
-        "--data.local_steps", "1", "--data.batch_size", "8", "--model.target_modules", "null"]
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+BASELINES = sorted((Path(__file__).parents[2] / "configs" / "baselines").glob("*.yaml"))
+TINY = [
+    "--model.model_overrides",
+    '{"n_layer": 2, "n_embd": 32, "n_head": 2}',
+    "--data.num_clients",
+    "3",
+    "--data.num_groups",
+    "1",
+    "--data.tasks_per_group",
+    "1",
+    "--data.examples_per_client",
+    "16",
+    "--data.local_steps",
+    "1",
+    "--data.batch_size",
+    "8",
+    "--model.target_modules",
+    "null",
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -26,11 +42,33 @@ def test_every_shipped_config_parses(config: Path, capsys) -> None:
     assert config.read_text().startswith("#"), "each config opens with a header giving its command"
 
 
+@pytest.mark.parametrize("baseline", BASELINES, ids=[c.name for c in BASELINES])
+def test_every_baseline_config_parses_on_top_of_the_demo(baseline: Path, capsys) -> None:
+    demo = Path(__file__).parents[2] / "configs" / "demo.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(demo), "--config", str(baseline), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["aggregation"] in ("exact", "fedavg", "none")
+    assert baseline.read_text().startswith("#"), "each config opens with a header giving its command"
+
+
 def _demo_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-            "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
-            "--trainer.enable_progress_bar", "false", *TINY, *extra]
+    return [
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.callbacks.init_args.dirpath",
+        str(tmp_path / "ckpt"),
+        "--trainer.enable_progress_bar",
+        "false",
+        *TINY,
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -52,12 +90,15 @@ def test_fit_resume_and_validate_from_the_last_checkpoint(tmp_path, in_repo, cap
     assert "val_loss" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    (["--model.model", "no-such-model-anywhere"], "cannot load model 'no-such-model-anywhere'"),
-    (["--model.cut_layer", "2"], "`cut_layer` must be an int in [1, 1]"),
-    (["--model.lora_rank", "0"], "`lora_rank` must be an int >= 1"),
-    (["--data.examples_per_client", "0"], "examples_per_client"),
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (["--model.model", "no-such-model-anywhere"], "cannot load model 'no-such-model-anywhere'"),
+        (["--model.cut_layer", "2"], "`cut_layer` must be an int in [1, 1]"),
+        (["--model.lora_rank", "0"], "`lora_rank` must be an int >= 1"),
+        (["--data.examples_per_client", "0"], "examples_per_client"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message(tmp_path, in_repo, capsys, override, needle) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(_demo_args(tmp_path, *override))

@@ -10,13 +10,14 @@ restores them. ``pattern: uniform`` gives every module the same rank (HSplitLoRA
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from atlas_pl.algorithms.importance import cluster_importance, module_importance
 from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, client_memory_fn
@@ -36,6 +37,9 @@ class RankAllocation(Callback):
         pattern: ``importance`` (ATLAS: per-cluster importance shapes the ranks) or ``uniform`` (HSplitLoRA).
         num_batches: Batches per client for the importance gradients.
         seed: Seed of the batch choice.
+        share: ``none`` (each client its own fit), ``weakest`` (every client gets the weakest client's ranks: one
+            rank for all that everyone can run — SplitLoRA), ``strongest`` (every client gets the strongest client's
+            ranks, budgets ignored: what one-size-fits-all costs; clients over budget are reported).
     """
 
     def __init__(
@@ -47,12 +51,15 @@ class RankAllocation(Callback):
         pattern: Literal["importance", "uniform"] = "importance",
         num_batches: int = 2,
         seed: int = 0,
+        share: Literal["none", "weakest", "strongest"] = "none",
     ) -> None:
         if (budgets is None) == (profiles is None):
             raise ValueError("give exactly one of `budgets` (e.g. ['1GB', '8GB']) or `profiles` (e.g. ['phone-1gb'])")
         unknown = [p for p in profiles or [] if p not in DEVICE_PROFILES]
         if unknown:
             raise ValueError(f"unknown device profile(s) {unknown}; choose among {sorted(DEVICE_PROFILES)}")
+        if share not in ("none", "weakest", "strongest"):
+            raise ValueError(f"`share` must be 'none', 'weakest' or 'strongest', got {share!r}")
         if pattern not in ("importance", "uniform"):
             raise ValueError(f"`pattern` must be 'importance' or 'uniform', got {pattern!r}")
         if budgets is not None:
@@ -63,6 +70,7 @@ class RankAllocation(Callback):
         RankAllocator(lambda cut, ranks: 0, r_min, r_max)  # validates r_min / r_max
         self.budgets, self.profiles = budgets, profiles
         self.r_min, self.r_max, self.pattern, self.num_batches, self.seed = r_min, r_max, pattern, num_batches, seed
+        self.share = share
         self.allocations: list[dict[str, Any]] = []
 
     def client_budgets(self, num_clients: int) -> list[int]:
@@ -86,6 +94,8 @@ class RankAllocation(Callback):
         allocator = RankAllocator(self.estimate_fn(fed, dm), self.r_min, self.r_max)
         budgets = self.client_budgets(fed.num_clients)
         allocations = allocator.allocate_all(patterns, budgets, fed.cluster_ids, list(range(fed.num_clients)))
+        if self.share != "none":
+            allocations = share_allocation(allocations, self.share)
         fed.set_client_ranks([a.rank_pattern for a in allocations])
         fed.rebuild_optimizers()
         self.allocations = [a.as_dict() for a in allocations]
@@ -123,6 +133,7 @@ class RankAllocation(Callback):
             metrics[f"memory/estimated_peak_mb/client_{a.client:03d}"] = a.peak_bytes / 2**20
             metrics[f"memory/budget_mb/client_{a.client:03d}"] = a.budget_bytes / 2**20
             metrics[f"ranks/total/client_{a.client:03d}"] = float(sum(a.rank_pattern.values()))
+            metrics[f"memory/over_budget/client_{a.client:03d}"] = float(a.peak_bytes > a.budget_bytes)
         metrics["memory/estimated_peak_mb/total"] = sum(a.peak_bytes for a in allocations) / 2**20
         rows = [
             f"client {a.client}: budget {format_size(a.budget_bytes)}, estimated peak {format_size(a.peak_bytes)}"
@@ -144,6 +155,28 @@ class RankAllocation(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.allocations = list(state_dict.get("allocations", []))
+
+
+def share_allocation(allocations: list[Allocation], share: str) -> list[Allocation]:
+    """Every client gets the weakest (or strongest) client's ranks; its own budget and estimate are kept."""
+    pick = min if share == "weakest" else max
+    source = pick(allocations, key=lambda a: (a.budget_bytes, sum(a.rank_pattern.values())))
+    out = []
+    for a in allocations:
+        shared = dataclasses.replace(
+            a,
+            rank_pattern=dict(source.rank_pattern),
+            scale=source.scale,
+            peak_bytes=source.peak_bytes,
+            estimate=source.estimate,
+        )
+        if shared.peak_bytes > shared.budget_bytes:
+            rank_zero_warn(
+                f"client {a.client}: the shared ranks need {format_size(shared.peak_bytes)}, over its "
+                f"budget of {format_size(shared.budget_bytes)}"
+            )
+        out.append(shared)
+    return out
 
 
 def heatmap(allocations: list[Allocation]) -> np.ndarray:
