@@ -29,7 +29,7 @@ from atlas_pl.split.scoring import ScoreNorm
 from atlas_pl.split.step import split_forward_backward
 
 ServerAdapters = Literal["per_client", "per_cluster"]
-AGGREGATIONS = ("fedavg", "exact", "zero_pad", "dense_svd", "flora", "none")
+AGGREGATIONS = ("fedavg", "exact", "zero_pad", "dense_svd", "flora", "none", "centralized")
 
 
 def _numpy_state() -> tuple:
@@ -64,7 +64,9 @@ class Federation(L.LightningModule):
         aggregation: How each cluster's adapters are merged at round end: ``fedavg`` averages ``A`` and ``B``
             separately (SplitLoRA; equal ranks), ``exact`` merges heterogeneous ranks losslessly and re-decomposes
             to each client's ranks (ATLAS), ``zero_pad`` / ``dense_svd`` / ``flora`` are baselines, ``none`` keeps
-            every client's adapter local (the local-only baseline). A ``ClusterAggregation`` callback overrides it.
+            every client's adapter local (the local-only lower bound), ``centralized`` trains one client adapter and
+            one server adapter on every client's batches in turn (pooled data: the upper bound; nothing to merge).
+            A ``ClusterAggregation`` callback overrides it.
         server_adapters: ``per_cluster``: clients of a cluster train one shared server adapter in turn;
             ``per_client``: each client has its own server adapter, aggregated like the client adapters.
         compression: Wire format of activations/gradients across the cut (``none``, ``fp16``, ``bf16``, ``int8``).
@@ -89,7 +91,7 @@ class Federation(L.LightningModule):
         target_modules: list[str] | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
-        aggregation: Literal["fedavg", "exact", "zero_pad", "dense_svd", "flora", "none"] = "fedavg",
+        aggregation: Literal["fedavg", "exact", "zero_pad", "dense_svd", "flora", "none", "centralized"] = "fedavg",
         server_adapters: ServerAdapters = "per_cluster",
         compression: Compression = "none",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -131,6 +133,8 @@ class Federation(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ clients
     def server_adapter_name(self, client_idx: int) -> str:
+        if self.aggregation == "centralized":
+            return "server_c0"
         if self.server_adapters == "per_client":
             return f"server_{client_idx}"
         return f"server_c{self.cluster_ids[client_idx]}"
@@ -138,7 +142,7 @@ class Federation(L.LightningModule):
     def _make_client(self, idx: int) -> SplitClient:
         return SplitClient(
             self.backbone,
-            client_adapter=f"client_{idx}",
+            client_adapter="client_0" if self.aggregation == "centralized" else f"client_{idx}",
             server_adapter=self.server_adapter_name(idx),
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
@@ -285,17 +289,20 @@ class Federation(L.LightningModule):
         self.task_names = [t.name for t in tasks]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """One optimizer per client adapter, then one per server adapter (see :meth:`optimizer_index`)."""
-        client_opts = [c.client_optimizer() for c in self.clients]
-        seen: dict[str, SplitClient] = {}
+        """One optimizer per distinct client adapter, then one per server adapter (see :meth:`optimizer_index`)."""
+        clients: dict[str, SplitClient] = {}
+        servers: dict[str, SplitClient] = {}
         for c in self.clients:
-            seen.setdefault(c.server_adapter, c)
-        self._server_opt_index = {name: self.num_clients + j for j, name in enumerate(seen)}
-        return client_opts + [c.server_optimizer() for c in seen.values()]
+            clients.setdefault(c.client_adapter, c)
+            servers.setdefault(c.server_adapter, c)
+        self._client_opt_index = {name: j for j, name in enumerate(clients)}
+        self._server_opt_index = {name: len(clients) + j for j, name in enumerate(servers)}
+        return [c.client_optimizer() for c in clients.values()] + [c.server_optimizer() for c in servers.values()]
 
     def optimizer_index(self, client_idx: int) -> tuple[int, int]:
         """Positions of the client's and its server adapter's optimizers in ``self.optimizers()``."""
-        return client_idx, self._server_opt_index[self.clients[client_idx].server_adapter]
+        client = self.clients[client_idx]
+        return self._client_opt_index[client.client_adapter], self._server_opt_index[client.server_adapter]
 
     # ------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
@@ -325,7 +332,7 @@ class Federation(L.LightningModule):
     def end_round(self) -> None:
         """Aggregate the round's adapters (unless a phase callback owns aggregation) and log the round."""
         participants = sorted(self._participants)
-        if self.aggregation != "none" and participants and not self.external_aggregation:
+        if self.aggregation not in ("none", "centralized") and participants and not self.external_aggregation:
             self.aggregate(participants)
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats

@@ -120,3 +120,16 @@ def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_
         for key, value in state.items():
             torch.testing.assert_close(value, states[0][key])
     assert 0.0 <= fed.history[-1]["val_acc"] <= 1.0
+
+
+def test_centralized_training_shares_one_adapter_pair_across_all_clients(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs(aggregation="centralized", server_adapters="per_client"))
+    before = fed.backbone.bank.state("client_0")
+    trainer = L.Trainer(max_epochs=1, **fast_trainer_kwargs)
+    trainer.fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
+    assert {c.client_adapter for c in fed.clients} == {"client_0"}
+    assert {c.server_adapter for c in fed.clients} == {"server_c0"}
+    assert len(trainer.optimizers) == 2
+    after = fed.backbone.bank.state("client_0")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert fed.channel.stats.adapters_up == 0  # nothing to aggregate
