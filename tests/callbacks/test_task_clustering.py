@@ -121,3 +121,15 @@ def test_dp_noise_reports_an_epsilon(tmp_path) -> None:
 def test_codes_number_names_by_first_appearance() -> None:
     assert _codes(["b", "a", "b", "c"]) == [0, 1, 0, 2]
     assert torch.tensor(_codes(["x"])).tolist() == [0]
+
+
+@pytest.mark.parametrize(("assign", "expected"), [("true_group", 3), ("one", 1), ("random", None)])
+def test_ablation_assignments_skip_fingerprints(tmp_path, assign, expected) -> None:
+    fed, dm = _setup(0, num_clients=6)
+    clustering = TaskClustering(num_clusters=2, assign=assign)
+    _trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
+    assert fed.channel.stats.fingerprints_up == 0
+    if expected is not None:
+        assert clustering.result.num_clusters == expected
+    if assign == "true_group":
+        assert clustering.metrics(clustering.result, dm)["clustering/ari_vs_group"] == 1.0

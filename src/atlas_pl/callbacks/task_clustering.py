@@ -54,6 +54,9 @@ class TaskClustering(Callback):
         dp_noise_multiplier: ``σ`` of the Gaussian mechanism on the fingerprint (0 = no noise).
         dp_clip: Clip norm ``C`` before noise.
         dp_delta: ``δ`` for the reported ``ε``.
+        assign: ``fingerprints`` (ATLAS). Ablations: ``true_task`` / ``true_group`` (oracle clusters from the
+            datamodule's ``client_tasks`` / ``client_groups``), ``random`` (``num_clusters`` random clusters, seeded),
+            ``one`` (a single cluster). Oracles send no fingerprints.
     """
 
     def __init__(
@@ -71,11 +74,19 @@ class TaskClustering(Callback):
         dp_noise_multiplier: float = 0.0,
         dp_clip: float = 1.0,
         dp_delta: float = 1e-5,
+        assign: Literal["fingerprints", "true_task", "true_group", "random", "one"] = "fingerprints",
     ) -> None:
         if num_clusters != "auto" and (
             isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
         ):
             raise ValueError(f"`num_clusters` must be 'auto' or an int >= 1, got {num_clusters!r}")
+        if assign not in ("fingerprints", "true_task", "true_group", "random", "one"):
+            raise ValueError(
+                f"`assign` must be 'fingerprints', 'true_task', 'true_group', 'random' or 'one', got {assign!r}"
+            )
+        if assign == "random" and num_clusters == "auto":
+            raise ValueError("`assign='random'` needs an int `num_clusters`")
+        self.assign = assign
         if signal not in ("update", "grad_B"):
             raise ValueError(f"`signal` must be 'update' or 'grad_B', got {signal!r}")
         for name, value in (("num_batches", num_batches), ("dim", dim)):
@@ -116,15 +127,30 @@ class TaskClustering(Callback):
     def run(self, trainer: L.Trainer, pl_module: Any, round_idx: int) -> ClusterResult:
         """Fingerprint every client, cluster, write the assignment to the module, log, and return the result."""
         dm = trainer.datamodule  # type: ignore[attr-defined]
-        rows = [self.client_fingerprint(pl_module, dm, i, round_idx) for i in range(pl_module.num_clients)]
-        self.fingerprints = torch.stack(rows).numpy()
-        result = cluster_clients(self.fingerprints, self.num_clusters, self.seed, self.k_range, self.min_silhouette)
+        if self.assign != "fingerprints":
+            result = self.assigned(dm, pl_module.num_clients)
+        else:
+            rows = [self.client_fingerprint(pl_module, dm, i, round_idx) for i in range(pl_module.num_clients)]
+            self.fingerprints = torch.stack(rows).numpy()
+            result = cluster_clients(self.fingerprints, self.num_clusters, self.seed, self.k_range, self.min_silhouette)
         labels = [0 if c < 0 else c for c in result.labels]  # left-out clients join cluster 0 (they were warned)
         pl_module.set_clusters(labels)
         pl_module.rebuild_optimizers()
         self.result, self.last_round = result, round_idx
         self.log_result(trainer, result, dm, round_idx)
         return result
+
+    def assigned(self, dm: Any, num_clients: int) -> ClusterResult:
+        """Ablation clusters that do not come from fingerprints (oracle, random or one)."""
+        if self.assign == "one":
+            labels = [0] * num_clients
+        elif self.assign == "random":
+            k = min(int(self.num_clusters), num_clients)
+            labels = _codes([str(c) for c in np.random.default_rng(self.seed).integers(0, k, num_clients)])
+        else:
+            attribute = "client_tasks" if self.assign == "true_task" else "client_groups"
+            labels = _codes(list(getattr(dm, attribute)))
+        return ClusterResult(labels=labels, num_clusters=len(set(labels)), silhouette=None)
 
     def client_fingerprint(self, pl_module: Any, dm: Any, idx: int, round_idx: int) -> torch.Tensor:
         """What client ``idx`` computes and sends: its projected, normalized (optionally noised) signal."""
