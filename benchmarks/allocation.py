@@ -91,8 +91,8 @@ def one_rank(shape: ModelShape, targets: list[str], dtype: str, cut: int, rank: 
 
 
 def run() -> dict[str, Any]:
-    report: dict[str, Any] = {"settings": {"budgets": BUDGETS, "batch": BATCH, "seq": SEQ, "r_min": R_MIN,
-                                           "r_max": R_MAX, "cuts": CUTS, "device_model": "cuda"}, "models": {}}  # fmt: skip
+    settings = {"budgets": BUDGETS, "batch": BATCH, "seq": SEQ, "r_min": R_MIN, "r_max": R_MAX, "cuts": CUTS}
+    report: dict[str, Any] = {"settings": {**settings, "device_model": "cuda"}, "models": {}}
     for name, (shape, targets, dtype, cut) in shapes().items():
         fixed = allocate(shape, targets, dtype, [cut])
         choice = allocate(shape, targets, dtype, [c for c in CUTS if c < shape.num_layers])
