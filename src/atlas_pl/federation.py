@@ -176,26 +176,34 @@ class Federation(L.LightningModule):
                 self.backbone.load_adapter_state(name, self.backbone.adapter_state(previous[idx]))
             client.server_adapter = name
 
-    def set_client_ranks(self, rank_patterns: list[dict[str, int]]) -> None:
-        """Give each client adapter its own per-module ranks (phase 2); the adapters restart from ``B = 0``.
+    def set_client_ranks(self, rank_patterns: list[dict[str, int]], cut_layers: list[int] | None = None) -> None:
+        """Give each client adapter its own per-module ranks (phase 2) and, optionally, its own cut layer.
 
-        Every module keeps the update scaling ``lora_alpha / lora_rank``. Call :meth:`rebuild_optimizers` afterwards
-        when a Trainer is running.
+        A client's cut must be in ``[model.cut_layer, num_layers - 1]`` (the server adapters start at
+        ``model.cut_layer``). Resized adapters restart from ``B = 0`` and keep the update scaling
+        ``lora_alpha / lora_rank``. Call :meth:`rebuild_optimizers` afterwards when a Trainer is running.
 
         Raises:
-            ValueError: Not one pattern per client.
+            ValueError: Not one pattern (and cut) per client, or a cut outside the allowed range.
         """
-        if len(rank_patterns) != self.num_clients:
+        cuts = cut_layers if cut_layers is not None else [self.backbone.cut_of(c.client_adapter) for c in self.clients]
+        if len(rank_patterns) != self.num_clients or len(cuts) != self.num_clients:
             raise ValueError(
-                f"`rank_patterns` needs one pattern per client ({self.num_clients}), got {len(rank_patterns)}"
+                f"`rank_patterns` and `cut_layers` need one entry per client ({self.num_clients}), got "
+                f"{len(rank_patterns)} and {len(cuts)}"
             )
-        for client, pattern in zip(self.clients, rank_patterns):
-            self.resize_adapter(client.client_adapter, pattern)
+        for client, pattern, cut in zip(self.clients, rank_patterns, cuts):
+            self.resize_adapter(client.client_adapter, pattern, cut)
 
-    def resize_adapter(self, name: str, rank_pattern: dict[str, int]) -> None:
-        """Re-create adapter ``name`` with ``rank_pattern`` unless it already has exactly those ranks."""
-        bank = self.backbone.bank
-        if {m: bank.ranks[name][m] for m in rank_pattern} == dict(rank_pattern):
+    def resize_adapter(self, name: str, rank_pattern: dict[str, int], cut_layer: int | None = None) -> None:
+        """Re-create adapter ``name`` with ``rank_pattern`` (and a client's ``cut_layer``) unless already so."""
+        bank, backbone = self.backbone.bank, self.backbone
+        if cut_layer is not None and cut_layer != backbone.cut_of(name):
+            backbone.validate_client_cut(cut_layer)
+            bank.delete(name)
+            backbone.add_client_adapter(name, rank_pattern=dict(rank_pattern), cut_layer=cut_layer)
+            return
+        if {m: bank.ranks[name].get(m) for m in rank_pattern} == dict(rank_pattern):
             return
         lora = self.backbone.lora
         bank.resize(name, dict(rank_pattern), lora.alpha / lora.rank, lora.dropout)
@@ -429,6 +437,7 @@ class Federation(L.LightningModule):
             "history": self.history,
             "channel": self.channel.stats.state_dict(),
             "adapter_ranks": {n: dict(r) for n, r in self.backbone.bank.ranks.items()},
+            "client_cuts": dict(self.backbone.client_cuts),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": _numpy_state(),
@@ -440,9 +449,10 @@ class Federation(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("federation", {})
         self.set_clusters(list(state.get("cluster_ids", self.cluster_ids)))  # creates per-cluster server adapters
-        for name, ranks in state.get("adapter_ranks", {}).items():  # ranks chosen by phase 2 before the checkpoint
+        cuts = {str(k): int(v) for k, v in state.get("client_cuts", {}).items()}
+        for name, ranks in state.get("adapter_ranks", {}).items():  # ranks and cuts chosen by phase 2
             if name in self.backbone.bank.ranks:
-                self.resize_adapter(name, {m: int(r) for m, r in ranks.items()})
+                self.resize_adapter(name, {m: int(r) for m, r in ranks.items()}, cuts.get(name))
         missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
         if missing:
             raise ValueError(

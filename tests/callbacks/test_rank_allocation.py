@@ -2,6 +2,7 @@
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy.stats import spearmanr
 
@@ -137,3 +138,62 @@ def test_shared_weakest_ranks_fit_everyone_and_strongest_ranks_exceed_small_budg
     _trainer(tmp_path, [strongest]).fit(fed2, datamodule=dm2)
     assert strongest.allocations[0]["peak_bytes"] > strongest.allocations[0]["budget_bytes"]
     assert strongest.allocations[-1]["peak_bytes"] <= strongest.allocations[-1]["budget_bytes"]
+
+
+def _cut_setup():
+    L.seed_everything(0, verbose=False)
+    fed = Federation(
+        model="gpt2-tiny",
+        model_overrides=dict(SHAPE),
+        target_modules=TARGETS,
+        num_clients=4,
+        cut_layer=1,
+        lora_rank=8,
+        learning_rate=3e-3,
+        aggregation="exact",
+    )
+    dm = FederatedDataModule(
+        num_clients=4,
+        num_groups=2,
+        tasks_per_group=1,
+        examples_per_client=32,
+        max_length=32,
+        batch_size=8,
+        local_steps=1,
+        seed=0,
+    )
+    return fed, dm
+
+
+def test_cut_layers_follow_budgets_train_merge_and_survive_a_resume(tmp_path) -> None:
+    fed, dm = _cut_setup()
+    dm.setup()
+    estimate = RankAllocation.estimate_fn(fed, dm, fixed_cut=False)
+    need = {cut: estimate(cut, dict.fromkeys(fed.backbone.client_module_names(cut), 2)).total for cut in (1, 2, 3)}
+    budgets = [need[1] + 1000, need[3] + 2**22, need[2] + 1000, need[3] + 2**22]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    allocation = RankAllocation(budgets=budgets, r_min=2, r_max=8, cut_layers=[1, 2, 3])
+    _trainer(tmp_path, [allocation, ckpt], max_epochs=1).fit(fed, datamodule=dm)
+
+    cuts = [a["cut_layer"] for a in allocation.allocations]
+    assert cuts[0] == 1 and cuts[1] == cuts[3] == 3  # the weakest keeps one block, the strongest three
+    assert [fed.backbone.cut_of(f"client_{i}") for i in range(4)] == cuts
+    assert all(a["peak_bytes"] <= a["budget_bytes"] for a in allocation.allocations)
+    p1 = {m: s * b @ a for m, (a, b, s) in fed.backbone.bank.factors("client_1").items()}
+    p3 = {m: s * b @ a for m, (a, b, s) in fed.backbone.bank.factors("client_3").items()}
+    for module in p1:  # same cut and ranks, one cluster: the same merged update
+        torch.testing.assert_close(p1[module], p3[module])
+
+    resumed, dm2 = _cut_setup()
+    again = RankAllocation(budgets=budgets, r_min=2, r_max=8, cut_layers=[1, 2, 3])
+    ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(tmp_path, [again, ckpt2], max_epochs=2).fit(
+        resumed, datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert [resumed.backbone.cut_of(f"client_{i}") for i in range(4)] == cuts
+
+
+def test_a_client_cut_before_the_federations_cut_is_rejected(tmp_path) -> None:
+    fed, dm = _setup()  # federation cut 2
+    with pytest.raises(ValueError, match=r"cut_layer.*\[2, 3\]"):
+        _trainer(tmp_path, [RankAllocation(budgets=["1GB"], cut_layers=[1, 2])]).fit(fed, datamodule=dm)

@@ -72,3 +72,17 @@ def test_fedavg_rejects_unequal_ranks_and_empty_weights() -> None:
         fedavg([s1, s2], [1, 1])
     with pytest.raises(ValueError, match="sum to 0"):
         fedavg([s1], [0])
+
+
+def test_adding_and_resizing_adapters_keeps_every_adapter_trainable() -> None:
+    from atlas_pl.models import load_model
+    from atlas_pl.split.backbone import SplitBackbone
+
+    split = SplitBackbone(load_model("gpt2-tiny", overrides={"n_layer": 3, "n_embd": 32, "n_head": 2}), 1)
+    for name in ("a", "b", "c"):
+        split.add_client_adapter(name)
+    split.activate("a", None)
+    split.bank.resize("b", dict.fromkeys(split.bank.ranks["b"], 3), 2.0)
+    split.bank.delete("c")
+    split.add_client_adapter("c", cut_layer=2)
+    assert all(p.requires_grad for n in ("a", "b", "c") for p in split.bank.parameters(n))

@@ -51,8 +51,10 @@ def test_split_step_lora_gradients_match_monolithic_peft(name: str, task: str) -
     _randomize_lora(split.bank, "s", 2)
 
     arch = get_arch(reference)
-    peft_model = get_peft_model(reference, LoraConfig(r=4, lora_alpha=8, target_modules=list(arch.default_targets),
-                                                      fan_in_fan_out=arch.fan_in_fan_out))
+    peft_model = get_peft_model(
+        reference,
+        LoraConfig(r=4, lora_alpha=8, target_modules=list(arch.default_targets), fan_in_fan_out=arch.fan_in_fan_out),
+    )
     ours = {**split.bank.factors("c"), **split.bank.factors("s")}
     with torch.no_grad():
         for module_name, module in peft_model.base_model.model.named_modules():
@@ -72,3 +74,38 @@ def test_split_step_lora_gradients_match_monolithic_peft(name: str, task: str) -
             torch.testing.assert_close(b.grad, module.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
             compared += 1
     assert compared == 4 * len(arch.default_targets)
+
+
+def test_a_client_cutting_later_than_the_backbone_matches_monolithic_peft() -> None:
+    torch.manual_seed(0)
+    base = load_model("gpt2-tiny", "causal_lm", overrides=TINY).eval()
+    reference = copy.deepcopy(base)
+    split = SplitBackbone(base, cut_layer=1, lora=LoraSpec(rank=4, alpha=8))
+    split.add_client_adapter("c", cut_layer=3)  # this client keeps blocks 0-2; the server adapter starts at block 1
+    split.add_server_adapter("s")
+    _randomize_lora(split.bank, "c", 1)
+    _randomize_lora(split.bank, "s", 2)
+    arch = get_arch(reference)
+    peft_model = get_peft_model(
+        reference,
+        LoraConfig(r=4, lora_alpha=8, target_modules=list(arch.default_targets), fan_in_fan_out=arch.fan_in_fan_out),
+    )
+    server = {m: f for m, f in split.bank.factors("s").items() if ".3." in m}  # only block 3 runs on the server
+    ours = {**split.bank.factors("c"), **server}
+    with torch.no_grad():
+        for module_name, module in peft_model.base_model.model.named_modules():
+            if module_name in ours:
+                module.lora_A["default"].weight.copy_(ours[module_name][0])
+                module.lora_B["default"].weight.copy_(ours[module_name][1])
+    batch = _batch("causal_lm")
+    split_forward_backward(split, InProcessChannel(), batch, "c", "s")
+    peft_model(**batch).loss.backward()
+
+    for module_name, module in peft_model.base_model.model.named_modules():
+        if module_name in ours:
+            a, b, _ = ours[module_name]
+            torch.testing.assert_close(a.grad, module.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(b.grad, module.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
+    unused = [m for m in split.bank.factors("s") if m not in server]
+    assert unused and all(split.bank.factors("s")[m][1].grad is None for m in unused)
+    assert split.cut_of("c") == 3 and split.cut_of("s") == 1

@@ -110,30 +110,71 @@ class ClusterAggregation(Callback):
     def _merge_into(
         self, fed: Any, names: list[str], active: list[int], weights: list[int]
     ) -> tuple[AggregationReport, list[int]]:
-        """Merge the active adapters among ``names``; load the result into all of them; report and their order."""
-        bank = fed.backbone.bank
-        states = [bank.state(names[j]) for j in active]
-        scalings = [{m: s for m, (_, _, s) in bank.factors(names[j]).items()} for j in active]
-        ranks = [dict(bank.ranks[n]) for n in names]
-        # Every member receives the merge at its own ranks: the active clients first, then the others.
-        order = active + [j for j in range(len(names)) if j not in active]
+        """Merge the active adapters among ``names``; load the result into all of them; report and their order.
+
+        Clients that cut at different layers hold different modules: each module is merged among the clients that
+        hold it (groups of modules with the same holders are merged together).
+        """
         if self.method == "flora" and len(set(fed.cluster_ids)) > 1:
             raise ValueError(
                 "`method='flora'` merges into the frozen base weights, which all clusters share; use it "
                 "with one cluster, or choose 'exact'"
             )
-        new_states, report = aggregate_lora(
-            states + [states[0]] * (len(order) - len(active)),
-            weights + [0] * (len(order) - len(active)),
-            scalings + [scalings[0]] * (len(order) - len(active)),
-            target_ranks=[ranks[j] for j in order],
-            method=self.method,
-        )
-        for j, state in zip(order, new_states):
+        bank = fed.backbone.bank
+        order = active + [j for j in range(len(names)) if j not in active]  # active clients first, then the others
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for module in dict.fromkeys(m for n in names for m in bank.ranks[n]):
+            groups.setdefault(tuple(j for j in order if module in bank.ranks[names[j]]), []).append(module)
+        new_states: list[dict[str, torch.Tensor]] = [{} for _ in names]
+        report = AggregationReport(method=self.method)
+        for holders, modules in groups.items():
+            part = self._merge_group(fed, names, holders, [j for j in active if j in holders], weights, active, modules)
+            for j, state in zip(holders, part[0]):
+                new_states[j].update(state)
+            for module, errors in part[1].truncation_error.items():
+                by_client = dict(zip(holders, errors))
+                report.truncation_error[module] = [by_client.get(j, float("nan")) for j in order]
+            report.update_norm.update(part[1].update_norm)
+            report.merged_rank.update(part[1].merged_rank)
+            report.bytes_up += part[1].bytes_up
+            report.bytes_down += part[1].bytes_down
+            report.base_updates.update(part[1].base_updates)
+        for j, state in enumerate(new_states):
             bank.load_state(names[j], state)
         if report.base_updates:
             _add_to_base(fed.backbone, report.base_updates)
         return report, order
+
+    def _merge_group(
+        self,
+        fed: Any,
+        names: list[str],
+        holders: tuple[int, ...],
+        sources: list[int],
+        weights: list[int],
+        active: list[int],
+        modules: list[str],
+    ) -> tuple[list[dict[str, torch.Tensor]], AggregationReport]:
+        """Merge ``modules`` of the ``sources`` and re-decompose for every holder (``holders`` order)."""
+        bank = fed.backbone.bank
+
+        def state(j: int) -> dict[str, torch.Tensor]:
+            full = bank.state(names[j])
+            return {k: v for k, v in full.items() if k.rsplit(".", 1)[0] in modules}
+
+        if not sources:  # no active client holds these modules this round: keep them as they are
+            return [state(j) for j in holders], AggregationReport(method=self.method)
+        src_states = [state(j) for j in sources]
+        scalings = [{m: s for m, (_, _, s) in bank.factors(names[j]).items() if m in modules} for j in sources]
+        src_weights = [weights[active.index(j)] for j in sources]
+        extra = len(holders) - len(sources)
+        return aggregate_lora(
+            src_states + [src_states[0]] * extra,
+            src_weights + [0] * extra,
+            scalings + [scalings[0]] * extra,
+            target_ranks=[{m: bank.ranks[names[j]][m] for m in modules} for j in holders],
+            method=self.method,
+        )
 
     @staticmethod
     def _count(fed: Any, kind: str, members: list[int], active: list[int]) -> int:
@@ -217,7 +258,7 @@ def _report_metrics(report: AggregationReport, cluster: int, side: str, members:
         f"aggregation/{side}_bytes/cluster_{cluster}": float(report.bytes_exchanged),
     }
     for j, client in enumerate(members):
-        errors = [errs[j] for errs in report.truncation_error.values() if j < len(errs)]
+        errors = [errs[j] for errs in report.truncation_error.values() if j < len(errs) and errs[j] == errs[j]]
         if errors:
             out[f"aggregation/{side}_truncation_error/client_{client:03d}"] = float(max(errors))
     return out

@@ -23,7 +23,7 @@ from atlas_pl.algorithms.importance import cluster_importance, module_importance
 from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, client_memory_fn
 from atlas_pl.callbacks.task_clustering import client_batches
 from atlas_pl.io import atomic_write_json
-from atlas_pl.memory import DEVICE_PROFILES, ModelShape, format_size, parse_size
+from atlas_pl.memory import DEVICE_PROFILES, ModelShape, estimate_latency, format_size, parse_size
 
 
 class RankAllocation(Callback):
@@ -37,6 +37,9 @@ class RankAllocation(Callback):
         pattern: ``importance`` (ATLAS: per-cluster importance shapes the ranks) or ``uniform`` (HSplitLoRA).
         num_batches: Batches per client for the importance gradients.
         seed: Seed of the batch choice.
+        cut_layers: Candidate cut layers per client (each in ``[model.cut_layer, num_layers - 1]``); ``None`` keeps
+            the federation's cut. With ``profiles`` the cut with the smallest estimated round latency among those
+            that fit is chosen, otherwise the fitting cut with the most total LoRA rank (ties: the smaller cut).
         share: ``none`` (each client its own fit), ``weakest`` (every client gets the weakest client's ranks: one
             rank for all that everyone can run — SplitLoRA), ``strongest`` (every client gets the strongest client's
             ranks, budgets ignored: what one-size-fits-all costs; clients over budget are reported).
@@ -52,6 +55,7 @@ class RankAllocation(Callback):
         num_batches: int = 2,
         seed: int = 0,
         share: Literal["none", "weakest", "strongest"] = "none",
+        cut_layers: list[int] | None = None,
     ) -> None:
         if (budgets is None) == (profiles is None):
             raise ValueError("give exactly one of `budgets` (e.g. ['1GB', '8GB']) or `profiles` (e.g. ['phone-1gb'])")
@@ -71,6 +75,9 @@ class RankAllocation(Callback):
         self.budgets, self.profiles = budgets, profiles
         self.r_min, self.r_max, self.pattern, self.num_batches, self.seed = r_min, r_max, pattern, num_batches, seed
         self.share = share
+        if cut_layers is not None and not cut_layers:
+            raise ValueError("`cut_layers` must be None or a non-empty list such as [1, 2, 3]")
+        self.cut_layers = None if cut_layers is None else sorted(int(c) for c in cut_layers)
         self.allocations: list[dict[str, Any]] = []
 
     def client_budgets(self, num_clients: int) -> list[int]:
@@ -91,12 +98,19 @@ class RankAllocation(Callback):
         """Importance → per-cluster patterns → budget-fitted ranks → resized adapters; returns the allocations."""
         dm = trainer.datamodule  # type: ignore[attr-defined]
         patterns = self.cluster_patterns(fed, dm)
-        allocator = RankAllocator(self.estimate_fn(fed, dm), self.r_min, self.r_max)
+        for cut in self.cut_layers or []:
+            fed.backbone.validate_client_cut(cut)
+        estimate = self.estimate_fn(fed, dm, fixed_cut=self.cut_layers is None)
         budgets = self.client_budgets(fed.num_clients)
-        allocations = allocator.allocate_all(patterns, budgets, fed.cluster_ids, list(range(fed.num_clients)))
+        allocations = []
+        for idx, (budget, cluster) in enumerate(zip(budgets, fed.cluster_ids)):
+            latency = self.latency_fn(fed, dm, idx) if self.cut_layers and self.profiles else None
+            allocator = RankAllocator(estimate, self.r_min, self.r_max, self.cut_layers, latency)
+            allocations.append(allocator.allocate(patterns[cluster], budget, idx))
         if self.share != "none":
             allocations = share_allocation(allocations, self.share)
-        fed.set_client_ranks([a.rank_pattern for a in allocations])
+        cuts = [a.cut_layer or fed.backbone.cut_layer for a in allocations]
+        fed.set_client_ranks([a.rank_pattern for a in allocations], cuts)
         fed.rebuild_optimizers()
         self.allocations = [a.as_dict() for a in allocations]
         self.log_allocations(trainer, fed, allocations)
@@ -104,27 +118,39 @@ class RankAllocation(Callback):
 
     def cluster_patterns(self, fed: Any, dm: Any) -> dict[int, dict[str, float]]:
         """Module importance of the client-side modules, averaged per cluster (or uniform)."""
-        modules = list(fed.backbone.bank.ranks[fed.clients[0].client_adapter])
+        deepest = max(self.cut_layers or [fed.backbone.cut_layer])
+        modules = fed.backbone.client_module_names(deepest)
         if self.pattern == "uniform":
             return {c: dict.fromkeys(modules, 1.0) for c in set(fed.cluster_ids)}
         per_client = []
         for idx in range(fed.num_clients):
             batches = client_batches(dm, idx, self.num_batches, self.seed, fed.device)
-            signal = fed.client_signal(idx, batches, "grad_B")
-            grads = {k[len("client.") :]: v for k, v in signal.items() if k.startswith("client.")}
-            per_client.append(module_importance(grads))
+            signal = fed.client_signal(idx, batches, "grad_B")  # client and server sides: every candidate module
+            grads = {k.split(".", 1)[1]: v for k, v in signal.items()}
+            per_client.append({m: v for m, v in module_importance(grads).items() if m in modules})
         return cluster_importance(per_client, fed.cluster_ids)
 
     @staticmethod
-    def estimate_fn(fed: Any, dm: Any) -> Any:
+    def estimate_fn(fed: Any, dm: Any, fixed_cut: bool = True) -> Any:
         """Peak-memory estimate of a client of ``fed`` for a rank pattern, at the datamodule's batch and length."""
         shape = ModelShape.from_config(fed.backbone.model.config)
         dtype = str(next(fed.backbone.model.parameters()).dtype).replace("torch.", "")
         device = "cuda" if fed.device.type == "cuda" else "cpu"
         return client_memory_fn(
-            shape, int(dm.batch_size), int(dm.max_length), fed.backbone.cut_layer,
+            shape, int(dm.batch_size), int(dm.max_length), fed.backbone.cut_layer if fixed_cut else None,
             target_modules=list(fed.backbone.targets), dtype=dtype, device=device,
         )  # fmt: skip
+
+    def latency_fn(self, fed: Any, dm: Any, client_idx: int) -> Any:
+        """Estimated round latency of client ``client_idx`` per cut layer on its device profile."""
+        shape = ModelShape.from_config(fed.backbone.model.config)
+        profile = DEVICE_PROFILES[(self.profiles or [])[client_idx % len(self.profiles or [1])]]
+        steps, batch, length = int(getattr(dm, "local_steps", 1)), int(dm.batch_size), int(dm.max_length)
+
+        def latency(cut: int | None, ranks: dict[str, int]) -> float:
+            return estimate_latency(shape, cut or fed.backbone.cut_layer, profile, batch, length, steps).total_s
+
+        return latency
 
     # ------------------------------------------------------------------------------------------ logging
     def log_allocations(self, trainer: L.Trainer, fed: Any, allocations: list[Allocation]) -> None:
@@ -134,10 +160,13 @@ class RankAllocation(Callback):
             metrics[f"memory/budget_mb/client_{a.client:03d}"] = a.budget_bytes / 2**20
             metrics[f"ranks/total/client_{a.client:03d}"] = float(sum(a.rank_pattern.values()))
             metrics[f"memory/over_budget/client_{a.client:03d}"] = float(a.peak_bytes > a.budget_bytes)
+            if a.cut_layer is not None:
+                metrics[f"cut_layer/client_{a.client:03d}"] = float(a.cut_layer)
         metrics["memory/estimated_peak_mb/total"] = sum(a.peak_bytes for a in allocations) / 2**20
         rows = [
             f"client {a.client}: budget {format_size(a.budget_bytes)}, estimated peak {format_size(a.peak_bytes)}"
             f", ranks {sorted(set(a.rank_pattern.values()))}"
+            + ("" if a.cut_layer is None else f", cut layer {a.cut_layer}")
             for a in allocations
         ]
         rank_zero_info("rank allocation:\n  " + "\n  ".join(rows))
@@ -187,7 +216,7 @@ def heatmap(allocations: list[Allocation]) -> np.ndarray:
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
-    modules = list(allocations[0].rank_pattern)
+    modules = list(dict.fromkeys(m for a in allocations for m in a.rank_pattern))
     grid = np.array([[a.rank_pattern.get(m, 0) for m in modules] for a in allocations])
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(modules) + 2), max(3, 0.3 * len(allocations) + 1)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")

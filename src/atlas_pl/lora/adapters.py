@@ -107,8 +107,15 @@ class AdapterBank:
                 f"adapter {name!r} should cover exactly {len(module_names)} modules, but differs on "
                 f"{sorted(unexpected)[:3]}; check `target_modules`"
             )
-        for p in self.parameters(name):
-            p.requires_grad_(True)
+        self._keep_trainable(set(module_names))
+
+    def _keep_trainable(self, module_names: set[str]) -> None:
+        """Re-enable training of every adapter on these modules (adding an adapter makes peft freeze inactive ones)."""
+        for module, layer in self._layers:
+            if module in module_names:
+                for key in layer.lora_A:
+                    layer.lora_A[key].weight.requires_grad_(True)
+                    layer.lora_B[key].weight.requires_grad_(True)
 
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` from every layer.
@@ -145,13 +152,17 @@ class AdapterBank:
         self.delete(name)
         self.add(name, modules, reference, scaling * reference, dropout, full)
 
-    def activate(self, names: Iterable[str]) -> None:
-        """Make exactly ``names`` the active adapters of every LoRA layer (layers lacking one skip it)."""
+    def activate(self, names: Iterable[str], skip: dict[str, set[str]] | None = None) -> None:
+        """Make exactly ``names`` the active adapters of every LoRA layer (layers lacking one skip it).
+
+        ``skip`` maps an adapter to module names where it stays inactive (a server adapter below a client's cut).
+        """
         active = [n for n in names if n is not None]
         for missing in set(active) - set(self.ranks):
             raise KeyError(f"unknown adapter {missing!r}; known adapters: {self.names[:8]}...")
-        for _, layer in self._layers:
-            layer._active_adapter = active  # peft's own storage of the active adapter names
+        for module, layer in self._layers:
+            # peft's own storage of the active adapter names
+            layer._active_adapter = [n for n in active if not skip or module not in skip.get(n, ())]
 
     def modules(self, name: str) -> list[tuple[str, Any]]:
         """``(module_name, layer)`` pairs holding adapter ``name``."""

@@ -85,6 +85,7 @@ class SplitBackbone(nn.Module):
         self.bank = AdapterBank(model, fan_in_fan_out=self.arch.fan_in_fan_out)
         self.heads = nn.ModuleDict()
         self.task_num_labels: list[int] | None = None
+        self.client_cuts: dict[str, int] = {}  # client adapters whose client half ends after `cut_layer`
         self.server_adapters: list[str] = []
         self.client_adapters: list[str] = []
 
@@ -102,21 +103,58 @@ class SplitBackbone(nn.Module):
     def task(self) -> str:
         return self.arch.task
 
-    def client_module_names(self) -> list[str]:
-        return block_module_names(self.arch, self.targets, range(0, self.cut_layer))
+    def client_module_names(self, cut_layer: int | None = None) -> list[str]:
+        """LoRA target modules of a client half that ends before block ``cut_layer`` (default: the backbone's)."""
+        return block_module_names(self.arch, self.targets, range(0, cut_layer or self.cut_layer))
+
+    def cut_of(self, client_adapter: str | None) -> int:
+        """Cut layer of the client that owns ``client_adapter`` (clients may cut later than the backbone's cut)."""
+        return self.client_cuts.get(client_adapter or "", self.cut_layer)
+
+    def validate_client_cut(self, cut_layer: int) -> None:
+        """A client's cut must lie in ``[cut_layer, num_layers - 1]``: server adapters start at the backbone's cut.
+
+        Raises:
+            ValueError: The cut is outside that range.
+        """
+        if (
+            isinstance(cut_layer, bool)
+            or not isinstance(cut_layer, int)
+            or not (self.cut_layer <= cut_layer <= self.num_layers - 1)
+        ):
+            raise ValueError(
+                f"a client's `cut_layer` must be an int in [{self.cut_layer}, {self.num_layers - 1}] (the server "
+                f"adapters start at block {self.cut_layer}), got {cut_layer!r}; lower `model.cut_layer` to allow "
+                "earlier client cuts"
+            )
 
     def server_module_names(self) -> list[str]:
         return block_module_names(self.arch, self.targets, range(self.cut_layer, self.num_layers))
 
     # ----------------------------------------------------------------------------------------- adapters
     def add_client_adapter(
-        self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
+        self,
+        name: str,
+        rank: int | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        cut_layer: int | None = None,
     ) -> None:
-        """Add a LoRA adapter named ``name`` on the client half."""
+        """Add a LoRA adapter named ``name`` on a client half (blocks ``[0, cut_layer)``; default the backbone's cut).
+
+        Every module gets the update scaling ``lora.alpha / lora.rank`` whatever its rank.
+        """
         rank = self.lora.rank if rank is None else rank
         validate_rank(rank)
-        self.bank.add(name, self.client_module_names(), rank, self.lora.alpha, self.lora.dropout, rank_pattern)
-        self.client_adapters.append(name)
+        cut = self.cut_layer if cut_layer is None else cut_layer
+        self.validate_client_cut(cut)
+        scaling = self.lora.alpha / self.lora.rank
+        self.bank.add(name, self.client_module_names(cut), rank, scaling * rank, self.lora.dropout, rank_pattern)
+        if name not in self.client_adapters:
+            self.client_adapters.append(name)
+        if cut == self.cut_layer:
+            self.client_cuts.pop(name, None)
+        else:
+            self.client_cuts[name] = cut
 
     def add_server_adapter(
         self, name: str, rank: int | None = None, rank_pattern: dict[str, int] | None = None
@@ -202,23 +240,35 @@ class SplitBackbone(nn.Module):
                 head.load_state_dict(part)
 
     def activate(self, client_adapter: str | None, server_adapter: str | None) -> None:
-        self.bank.activate([n for n in (client_adapter, server_adapter) if n is not None])
+        """Make the client's and the server's adapters active; the server adapter only from the client's cut on."""
+        names = [n for n in (client_adapter, server_adapter) if n is not None]
+        cut = self.cut_of(client_adapter)
+        if cut == self.cut_layer or server_adapter is None:
+            self.bank.activate(names)
+            return
+        prefix = f"{self.arch.blocks_path}."
+        before = {m for m in self.bank.ranks.get(server_adapter, {}) if int(m[len(prefix) :].split(".")[0]) < cut}
+        self.bank.activate(names, skip={server_adapter: before})
 
     # ----------------------------------------------------------------------------------------- forward halves
-    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def client_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cut_layer: int | None = None
+    ) -> torch.Tensor:
         """Embeddings + blocks ``[0, cut_layer)``: the activations ``h`` sent over the cut."""
         hidden = self.arch.embed(self.model, input_ids)
         ctx = self.arch.context(self.model, hidden, attention_mask)
         blocks: Any = self.model.get_submodule(self.arch.blocks_path)
-        for block in blocks[: self.cut_layer]:
+        for block in blocks[: cut_layer or self.cut_layer]:
             hidden = self.arch.run_block(block, hidden, ctx)
         return hidden
 
-    def server_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def server_hidden(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, cut_layer: int | None = None
+    ) -> torch.Tensor:
         """Blocks ``[cut_layer, L)`` + final norm."""
         ctx = self.arch.context(self.model, hidden, attention_mask)
         blocks: Any = self.model.get_submodule(self.arch.blocks_path)
-        for block in blocks[self.cut_layer :]:
+        for block in blocks[cut_layer or self.cut_layer :]:
             hidden = self.arch.run_block(block, hidden, ctx)
         norm = get_submodule(self.model, self.arch.final_norm_path)
         return hidden if norm is None else norm(hidden)
@@ -230,14 +280,15 @@ class SplitBackbone(nn.Module):
         labels: torch.Tensor,
         server_adapter: str | None = None,
         task_id: int = 0,
+        cut_layer: int | None = None,
     ) -> ServerOutput:
-        """Server half, head and loss.
+        """Server half (from block ``cut_layer``), head and loss.
 
         Causal LMs: ``labels`` are aligned with the input (``-100`` = ignore); logits are computed only at the shifted
         answer positions, never over the vocabulary at every position. Classifiers: ``labels`` is ``[batch]`` and the
         head of task ``task_id`` owned by ``server_adapter`` scores it.
         """
-        hidden = self.server_hidden(hidden, attention_mask)
+        hidden = self.server_hidden(hidden, attention_mask, cut_layer)
         if self.task == "classification":
             return self._classify(hidden, labels, server_adapter, task_id)
         return self._lm_loss(hidden, labels)
@@ -294,5 +345,6 @@ class SplitBackbone(nn.Module):
     ) -> ServerOutput:
         """Both halves in one call (evaluation, and the monolithic reference of a split step)."""
         self.activate(client_adapter, server_adapter)
-        hidden = self.client_forward(input_ids, attention_mask)
-        return self.server_forward(hidden, attention_mask, labels, server_adapter, task_id)
+        cut = self.cut_of(client_adapter)
+        hidden = self.client_forward(input_ids, attention_mask, cut)
+        return self.server_forward(hidden, attention_mask, labels, server_adapter, task_id, cut)

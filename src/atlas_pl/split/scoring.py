@@ -49,13 +49,19 @@ def _candidate_batch(
     return ids, mask, labels
 
 
-def sequence_logprobs(backbone: SplitBackbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    backbone: SplitBackbone,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    cut_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of ``log p(label token | prefix)`` over each row's labelled positions, and the number of such positions.
 
     The head runs only at the (shifted) labelled positions; the log-softmax there covers the whole vocabulary.
     """
-    hidden = backbone.server_hidden(backbone.client_forward(input_ids, attention_mask), attention_mask)
+    hidden = backbone.client_forward(input_ids, attention_mask, cut_layer)
+    hidden = backbone.server_hidden(hidden, attention_mask, cut_layer)
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     head = get_submodule(backbone.model, backbone.arch.head_path)
@@ -109,7 +115,7 @@ def score_label_words(
     scores = []
     for i in range(0, len(prompts), per_chunk):
         ids, mask, lab = (t.to(device) for t in _candidate_batch(prompts[i : i + per_chunk], candidates))
-        total, count = sequence_logprobs(backbone, ids, mask, lab)
+        total, count = sequence_logprobs(backbone, ids, mask, lab, backbone.cut_of(client_adapter))
         score = total / count.clamp(min=1) if norm == "mean" else total
         scores.append(score.view(-1, len(candidates)))
     return torch.cat(scores)
@@ -140,7 +146,8 @@ def greedy_generate(
         new: list[int] = []
         for _ in range(max_new_tokens):
             mask = torch.ones_like(ids)
-            hidden = backbone.server_hidden(backbone.client_forward(ids, mask), mask)
+            cut = backbone.cut_of(client_adapter)
+            hidden = backbone.server_hidden(backbone.client_forward(ids, mask, cut), mask, cut)
             token = int(head(hidden[:, -1]).argmax(-1))
             if token == eos_token_id:
                 break

@@ -45,9 +45,10 @@ def split_forward_backward(
     """
     mask, labels = batch["attention_mask"], batch["labels"]
     backbone.activate(client_adapter, server_adapter)
-    hidden = backbone.client_forward(batch["input_ids"], mask)
+    cut = backbone.cut_of(client_adapter)
+    hidden = backbone.client_forward(batch["input_ids"], mask, cut)
     received = channel.send_activations(hidden, {"attention_mask": mask, "labels": labels}, client_idx)
-    out = backbone.server_forward(received, mask, labels, server_adapter, int(batch.get("task_id", 0)))
+    out = backbone.server_forward(received, mask, labels, server_adapter, int(batch.get("task_id", 0)), cut)
     (backward or _plain_backward)(out.loss)
     if received.grad is None:
         raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
