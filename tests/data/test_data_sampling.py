@@ -112,3 +112,13 @@ def test_chunk_sampler_covers_each_client_in_order_without_mixing():
     assert len(batches) == len(s)
     assert [i for b in batches for i in b] == list(range(sum(SIZES)))
     assert all(len({_client_of(i) for i in b}) == 1 for b in batches)
+
+
+def test_interleaved_rounds_hold_the_same_batches_in_a_seeded_mixed_order():
+    from atlas_pl.data.sampling import RoundBatchSampler
+
+    kwargs = dict(client_offsets=[0, 10, 20], client_sizes=[10, 10, 10], batch_size=2, local_steps=3, seed=1)
+    plain = list(RoundBatchSampler(**kwargs))
+    mixed = list(RoundBatchSampler(**kwargs, interleave=True))
+    assert sorted(map(tuple, mixed)) == sorted(map(tuple, plain)) and mixed != plain
+    assert mixed == list(RoundBatchSampler(**kwargs, interleave=True))

@@ -103,6 +103,8 @@ class FederatedDataModule(L.LightningDataModule):
             bounded by ``max_examples_per_client``).
         max_target_length: Maximum answer tokens (before EOS) of generative tasks.
         cache_dir: ``datasets`` cache folder for loaded files and cached tokenization (``None``: HF datasets cache).
+        interleave_clients: Shuffle each round's batches across clients instead of client after client (the pooled
+            order of the centralized baseline).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class FederatedDataModule(L.LightningDataModule):
         max_eval_examples_per_client: int | None = None,
         max_target_length: int = 64,
         cache_dir: str | None = None,
+        interleave_clients: bool = False,
     ) -> None:
         super().__init__()
         _check(num_clients >= 1, "num_clients", num_clients, "pass num_clients >= 1")
@@ -196,6 +199,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.max_eval_examples_per_client = max_eval_examples_per_client
         self.max_target_length = max_target_length
         self.cache_dir = cache_dir
+        self.interleave_clients = interleave_clients
         self._is_setup = False
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.pad_id: int = 0
@@ -369,6 +373,7 @@ class FederatedDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
+            interleave=self.interleave_clients,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -60,6 +60,8 @@ class RoundBatchSampler(Sampler[list[int]]):
         seed: Non-negative seed.
         rank: This process's rank; the round's sampled clients are split round-robin across ranks.
         world_size: Number of processes.
+        interleave: Shuffle the round's batches across clients (seeded) instead of client after client — the
+            pooled-data order of the centralized baseline.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        interleave: bool = False,
     ) -> None:
         if len(client_offsets) != len(client_sizes) or not client_sizes:
             raise ValueError(
@@ -96,6 +99,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.interleave = interleave
         self.epoch = 0
 
     @property
@@ -148,8 +152,11 @@ class RoundBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         round_idx = self.epoch
-        for client_idx in self.round_clients(round_idx):
-            yield from self.client_batches(client_idx, round_idx)
+        batches = [b for c in self.round_clients(round_idx) for b in self.client_batches(c, round_idx)]
+        if self.interleave:  # one shuffled stream over all clients' batches (pooled data)
+            order = np.random.default_rng([self.seed, round_idx, 7]).permutation(len(batches))
+            batches = [batches[i] for i in order]
+        yield from batches
 
     def __len__(self) -> int:
         return len(self.round_clients()) * self.local_steps
