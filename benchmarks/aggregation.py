@@ -34,12 +34,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from atlas_pl.profiling import cpu_peak_bytes
 
 MIB = 2**20
 METHODS = ("factored", "dense_svd")
@@ -188,25 +189,7 @@ def rss_peak_delta(step: Callable[[], Any]) -> int | None:
     return None if peak is None or before is None else max(0, peak - before)
 
 
-def profiler_peak(step: Callable[[], Any]) -> int:
-    """Highest running total of CPU tensor bytes allocated during ``step()`` (torch profiler, ``profile_memory``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    total = peak = 0
-    for e in sorted((e for e in events if e["args"].get("Device Type", 0) == 0), key=lambda e: e["ts"]):
-        total += e["args"]["Bytes"]
-        peak = max(peak, total)
-    return peak
+profiler_peak = cpu_peak_bytes
 
 
 def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:

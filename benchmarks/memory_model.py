@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from atlas_pl.profiling import cpu_peak_bytes, cuda_peak_bytes
+
 MIB = 2**20
 BAND = 0.15
 GPT2_6 = {"n_layer": 6}
@@ -112,37 +114,10 @@ def saved_bytes(backbone: Any, model: Any, ids: Any, mask: Any) -> int:
     return sum(seen.values())
 
 
-def profiler_peak_of(step: Any) -> int:
-    """Highest running total of CPU tensor bytes allocated during ``step()`` (torch profiler, ``profile_memory``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    total = peak = 0
-    for e in sorted((e for e in events if e["args"].get("Device Type", 0) == 0), key=lambda e: e["ts"]):
-        total += e["args"]["Bytes"]
-        peak = max(peak, total)
-    return peak
+profiler_peak_of = cpu_peak_bytes
 
 
-def cuda_peak_of(step: Any) -> int:
-    """``max_memory_allocated`` during ``step()`` minus ``memory_allocated`` before it."""
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+cuda_peak_of = cuda_peak_bytes
 
 
 def worker(cfg: dict) -> dict:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import pytest
 import torch
 from transformers import BertConfig, GPT2Config, LlamaConfig
@@ -18,6 +14,7 @@ from atlas_pl.memory import (
     estimate_latency,
     parse_size,
 )
+from atlas_pl.profiling import cpu_peak_bytes
 
 GPT2_SMALL = ModelShape.from_config(GPT2Config())
 
@@ -163,24 +160,7 @@ def test_latency_splits_compute_and_communication():
 
 
 # --------------------------------------------------------------------------------------------------- measurement
-def _profiler_peak(step) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    total = peak = 0
-    for e in sorted((e for e in events if e["args"].get("Device Type", 0) == 0), key=lambda e: e["ts"]):
-        total += e["args"]["Bytes"]
-        peak = max(peak, total)
-    return peak
+_profiler_peak = cpu_peak_bytes
 
 
 def test_estimate_is_within_30_percent_of_a_profiled_client_step():
