@@ -251,6 +251,12 @@ class Federation(L.LightningModule):
         return signal
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            raise ValueError(
+                f"Federation simulates all clients in one process; it cannot shard them over "
+                f"{self.trainer.world_size} processes yet (adapters would diverge between processes). Run with "
+                "one device, or use ClusterAggregation with ClientParallelStrategy where each process is one client"
+            )
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "num_examples"):
             return
