@@ -506,7 +506,10 @@ def report(command: str | None, measure: bool, quick: bool = False) -> list[dict
     prefix = RESULTS / ("compare_quick" if quick else "compare")
     out_json = prefix.with_suffix(".json")
     old = json.loads(out_json.read_text()) if out_json.exists() else {}
-    measured_cache = dict(old.get("measured_cache", {}))
+    measured_cache: dict = {}
+    for other in ("compare_quick.json", "compare.json"):  # same shapes (batch, length, cut): reuse measurements
+        if (RESULTS / other).exists():
+            measured_cache.update(json.loads((RESULTS / other).read_text()).get("measured_cache", {}))
     command = command or old.get("command", "")  # --report-only keeps the command that produced the runs
     rows = []
     for wl in WORKLOADS:
