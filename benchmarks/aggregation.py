@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from atlas_pl.io import atomic_write_text
 from atlas_pl.profiling import cpu_peak_bytes
 
 MIB = 2**20
@@ -254,11 +255,6 @@ def machine_info(s: Settings) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def csv_rows(report: dict[str, Any]) -> list[list[Any]]:

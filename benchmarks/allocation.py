@@ -21,8 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from rich.table import Table
 from transformers import BertConfig, LlamaConfig
 
 from atlas_pl.algorithms.rank_allocation import RankAllocator, client_memory_fn
+from atlas_pl.io import atomic_write_bytes as atomic_write
 from atlas_pl.memory import DEVICE_PROFILES, ModelShape, estimate_client_memory, estimate_latency, parse_size
 
 BUDGETS = ["1GB", "2GB", "4GB", "8GB", "16GB", "24GB"]
@@ -42,13 +41,33 @@ CUTS = [1, 2, 4, 8]
 
 def shapes() -> dict[str, tuple[ModelShape, list[str], str, int]]:
     """name → (shape, LoRA targets, dtype, fixed cut layer)."""
-    minilm = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, max_position_embeddings=512)
-    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                          num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
-                          tie_word_embeddings=True)
-    llama7b = LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096)
+    minilm = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
+    smollm2 = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    llama7b = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        max_position_embeddings=4096,
+    )
     return {
         "minilm": (ModelShape.from_config(minilm), ["attention.self.query", "attention.self.value"], "float32", 2),
         "smollm2-135m": (ModelShape.from_config(smollm2), ["self_attn.q_proj", "self_attn.v_proj"], "float32", 2),
@@ -121,14 +140,6 @@ def rows_of(report: dict[str, Any]) -> list[list[Any]]:
                 fits = peak is not None and peak <= parse_size(budget)
                 rows.append([name, budget, method, m["fixed_cut"], rank, peak, fits])
     return rows
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def plot(report: dict[str, Any]) -> bytes:

@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from atlas_pl.io import atomic_write_bytes
+
 TASKS = ("sst2", "mr", "ag_news", "dbpedia14", "trec", "sick")
 SIGNALS = {  # name -> (raw signal, sides kept)
     "grad_B/server": ("grad_B", "server"),
@@ -402,13 +404,6 @@ def machine_info(s: Settings) -> dict[str, Any]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "load_avg_at_start": list(os.getloadavg()),
     }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _rounded(value: Any) -> Any:

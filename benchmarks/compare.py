@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from atlas_pl.io import atomic_write_bytes, atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "compare_runs"
@@ -85,18 +87,6 @@ MEASURE_SHAPES = {
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_yaml(path: Path) -> dict:

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from atlas_pl.io import atomic_write_text
 from atlas_pl.profiling import cpu_peak_bytes, cuda_peak_bytes
 
 MIB = 2**20
@@ -223,11 +224,6 @@ def machine_info(device: str, threads: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 CSV_FIELDS = ["label", "model", "cut_layer", "rank", "batch_size", "seq_len", "dtype", "component", "estimate_bytes",
