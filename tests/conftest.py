@@ -31,6 +31,15 @@ def tiny_data_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def phase_trainer(tmp_path, callbacks, max_epochs: int = 0) -> L.Trainer:
+    """A quiet CPU trainer with atomic checkpoints for phase-callback tests (``max_epochs=0``: fit start only)."""
+    from atlas_pl.io import AtomicCheckpointIO
+
+    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+                     callbacks=callbacks, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()])
+
+
 @pytest.fixture
 def fast_trainer_kwargs(tmp_path) -> dict:
     return dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

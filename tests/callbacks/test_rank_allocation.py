@@ -9,20 +9,20 @@ from scipy.stats import spearmanr
 from atlas_pl.callbacks.rank_allocation import RankAllocation
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
-from atlas_pl.io import AtomicCheckpointIO
+from tests.conftest import phase_trainer
 
 SHAPE = {"n_layer": 4, "n_embd": 64, "n_head": 2, "initializer_range": 0.1}
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
-def _setup(num_clients: int = 4):
+def _setup(num_clients: int = 4, cut_layer: int = 2):
     L.seed_everything(0, verbose=False)
     fed = Federation(
         model="gpt2-tiny",
         model_overrides=dict(SHAPE),
         target_modules=TARGETS,
         num_clients=num_clients,
-        cut_layer=2,
+        cut_layer=cut_layer,
         lora_rank=8,
         learning_rate=3e-3,
         aggregation="exact",
@@ -40,20 +40,6 @@ def _setup(num_clients: int = 4):
     return fed, dm
 
 
-def _trainer(tmp_path, callbacks, max_epochs=0) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-        plugins=[AtomicCheckpointIO()],
-    )
-
 
 def _budgets(fed, dm, extra_mib: list[float]) -> list[int]:
     dm.setup()
@@ -68,7 +54,7 @@ def test_estimates_fit_budgets_ranks_grow_with_budget_and_patterns_agree(tmp_pat
     fed.set_clusters([0, 0, 0, 0])
     budgets = _budgets(fed, dm, [0.05, 0.3, 1.0, 3.0])
     allocation = RankAllocation(budgets=budgets, r_min=1, r_max=16)
-    _trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
 
     rows = allocation.allocations
     assert all(a["peak_bytes"] <= a["budget_bytes"] for a in rows)
@@ -85,7 +71,7 @@ def test_estimates_fit_budgets_ranks_grow_with_budget_and_patterns_agree(tmp_pat
 def test_uniform_pattern_gives_every_module_one_rank(tmp_path) -> None:
     fed, dm = _setup()
     allocation = RankAllocation(budgets=_budgets(fed, dm, [0.2, 2.0]), pattern="uniform", r_max=16)
-    _trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
     for a in allocation.allocations:
         assert len(set(a["rank_pattern"].values())) == 1
 
@@ -94,13 +80,13 @@ def test_resume_restores_the_allocated_ranks(tmp_path) -> None:
     fed, dm = _setup()
     budgets = _budgets(fed, dm, [0.1, 2.0])
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    _trainer(tmp_path, [RankAllocation(budgets=budgets), ckpt], max_epochs=1).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [RankAllocation(budgets=budgets), ckpt], max_epochs=1).fit(fed, datamodule=dm)
 
     resumed, dm2 = _setup()
     allocation = RankAllocation(budgets=budgets)
     allocation.run = lambda *a, **k: pytest.fail("a resumed run must not allocate again")
     ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    _trainer(tmp_path, [allocation, ckpt2], max_epochs=2).fit(
+    phase_trainer(tmp_path, [allocation, ckpt2], max_epochs=2).fit(
         resumed, datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
     for i in range(4):
@@ -111,7 +97,7 @@ def test_a_budget_below_the_minimum_names_the_client_and_the_minimum(tmp_path) -
     fed, dm = _setup()
     budgets = _budgets(fed, dm, [1.0, 1.0, -0.5, 1.0])
     with pytest.raises(ValueError, match=r"client 2: memory budget .* below"):
-        _trainer(tmp_path, [RankAllocation(budgets=budgets)]).fit(fed, datamodule=dm)
+        phase_trainer(tmp_path, [RankAllocation(budgets=budgets)]).fit(fed, datamodule=dm)
 
 
 def test_constructor_rejects_bad_input() -> None:
@@ -129,51 +115,27 @@ def test_shared_weakest_ranks_fit_everyone_and_strongest_ranks_exceed_small_budg
     fed, dm = _setup()
     budgets = _budgets(fed, dm, [0.1, 0.5, 1.0, 3.0])
     weakest = RankAllocation(budgets=budgets, pattern="uniform", share="weakest")
-    _trainer(tmp_path, [weakest]).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [weakest]).fit(fed, datamodule=dm)
     assert len({tuple(a["rank_pattern"].values()) for a in weakest.allocations}) == 1
     assert all(a["peak_bytes"] <= a["budget_bytes"] for a in weakest.allocations)
 
     fed2, dm2 = _setup()
     strongest = RankAllocation(budgets=budgets, pattern="uniform", share="strongest")
-    _trainer(tmp_path, [strongest]).fit(fed2, datamodule=dm2)
+    phase_trainer(tmp_path, [strongest]).fit(fed2, datamodule=dm2)
     assert strongest.allocations[0]["peak_bytes"] > strongest.allocations[0]["budget_bytes"]
     assert strongest.allocations[-1]["peak_bytes"] <= strongest.allocations[-1]["budget_bytes"]
 
 
-def _cut_setup():
-    L.seed_everything(0, verbose=False)
-    fed = Federation(
-        model="gpt2-tiny",
-        model_overrides=dict(SHAPE),
-        target_modules=TARGETS,
-        num_clients=4,
-        cut_layer=1,
-        lora_rank=8,
-        learning_rate=3e-3,
-        aggregation="exact",
-    )
-    dm = FederatedDataModule(
-        num_clients=4,
-        num_groups=2,
-        tasks_per_group=1,
-        examples_per_client=32,
-        max_length=32,
-        batch_size=8,
-        local_steps=1,
-        seed=0,
-    )
-    return fed, dm
-
 
 def test_cut_layers_follow_budgets_train_merge_and_survive_a_resume(tmp_path) -> None:
-    fed, dm = _cut_setup()
+    fed, dm = _setup(cut_layer=1)
     dm.setup()
     estimate = RankAllocation.estimate_fn(fed, dm, fixed_cut=False)
     need = {cut: estimate(cut, dict.fromkeys(fed.backbone.client_module_names(cut), 2)).total for cut in (1, 2, 3)}
     budgets = [need[1] + 1000, need[3] + 2**22, need[2] + 1000, need[3] + 2**22]
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     allocation = RankAllocation(budgets=budgets, r_min=2, r_max=8, cut_layers=[1, 2, 3])
-    _trainer(tmp_path, [allocation, ckpt], max_epochs=1).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [allocation, ckpt], max_epochs=1).fit(fed, datamodule=dm)
 
     cuts = [a["cut_layer"] for a in allocation.allocations]
     assert cuts[0] == 1 and cuts[1] == cuts[3] == 3  # the weakest keeps one block, the strongest three
@@ -184,10 +146,10 @@ def test_cut_layers_follow_budgets_train_merge_and_survive_a_resume(tmp_path) ->
     for module in p1:  # same cut and ranks, one cluster: the same merged update
         torch.testing.assert_close(p1[module], p3[module])
 
-    resumed, dm2 = _cut_setup()
+    resumed, dm2 = _setup(cut_layer=1)
     again = RankAllocation(budgets=budgets, r_min=2, r_max=8, cut_layers=[1, 2, 3])
     ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    _trainer(tmp_path, [again, ckpt2], max_epochs=2).fit(
+    phase_trainer(tmp_path, [again, ckpt2], max_epochs=2).fit(
         resumed, datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
     assert [resumed.backbone.cut_of(f"client_{i}") for i in range(4)] == cuts
@@ -196,4 +158,4 @@ def test_cut_layers_follow_budgets_train_merge_and_survive_a_resume(tmp_path) ->
 def test_a_client_cut_before_the_federations_cut_is_rejected(tmp_path) -> None:
     fed, dm = _setup()  # federation cut 2
     with pytest.raises(ValueError, match=r"cut_layer.*\[2, 3\]"):
-        _trainer(tmp_path, [RankAllocation(budgets=["1GB"], cut_layers=[1, 2])]).fit(fed, datamodule=dm)
+        phase_trainer(tmp_path, [RankAllocation(budgets=["1GB"], cut_layers=[1, 2])]).fit(fed, datamodule=dm)

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from atlas_pl.callbacks.task_clustering import TaskClustering, _codes
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
-from atlas_pl.io import AtomicCheckpointIO
+from tests.conftest import phase_trainer
 
 DEMO_SHAPE = {"n_layer": 4, "n_embd": 128, "n_head": 4, "initializer_range": 0.1}
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -39,27 +39,13 @@ def _setup(seed: int, num_clients: int = 12, **fed_kwargs):
     return fed, dm
 
 
-def _trainer(tmp_path, callbacks, max_epochs: int = 0) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-        plugins=[AtomicCheckpointIO()],
-    )
-
 
 def test_fingerprints_recover_the_synthetic_task_groups_for_five_seeds(tmp_path) -> None:
     aris = []
     for seed in range(5):
         fed, dm = _setup(seed)
         clustering = TaskClustering(num_clusters=3, num_batches=4, seed=seed)
-        _trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
+        phase_trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
         aris.append(clustering.metrics(clustering.result, dm)["clustering/ari_vs_group"])
     assert aris == [1.0] * 5
 
@@ -67,7 +53,7 @@ def test_fingerprints_recover_the_synthetic_task_groups_for_five_seeds(tmp_path)
 def test_clusters_reach_the_federation_and_only_fingerprint_bytes_leave_the_clients(tmp_path) -> None:
     fed, dm = _setup(0)
     clustering = TaskClustering(num_clusters=3)
-    _trainer(tmp_path, [clustering], max_epochs=1).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [clustering], max_epochs=1).fit(fed, datamodule=dm)
 
     assert fed.cluster_ids == clustering.result.labels
     assert len(set(fed.cluster_ids)) == 3
@@ -79,14 +65,14 @@ def test_clusters_reach_the_federation_and_only_fingerprint_bytes_leave_the_clie
 def test_a_resumed_run_keeps_its_clusters_without_fingerprinting_again(tmp_path) -> None:
     fed, dm = _setup(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    _trainer(tmp_path, [TaskClustering(num_clusters=3), ckpt], max_epochs=1).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [TaskClustering(num_clusters=3), ckpt], max_epochs=1).fit(fed, datamodule=dm)
 
     resumed, dm2 = _setup(0)
     clustering = TaskClustering(num_clusters=3)
     calls = []
     clustering.run = lambda *args, **kwargs: calls.append(args)  # would fingerprint again
     ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer = _trainer(tmp_path, [clustering, ckpt2], max_epochs=2)
+    trainer = phase_trainer(tmp_path, [clustering, ckpt2], max_epochs=2)
     trainer.fit(resumed, datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
 
     assert calls == []
@@ -98,7 +84,7 @@ def test_a_resumed_run_keeps_its_clusters_without_fingerprinting_again(tmp_path)
 def test_more_clusters_than_clients_is_an_error_naming_the_value(tmp_path) -> None:
     fed, dm = _setup(0, num_clients=4)
     with pytest.raises(ValueError, match="num_clusters"):
-        _trainer(tmp_path, [TaskClustering(num_clusters=9)]).fit(fed, datamodule=dm)
+        phase_trainer(tmp_path, [TaskClustering(num_clusters=9)]).fit(fed, datamodule=dm)
 
 
 def test_constructor_rejects_bad_arguments() -> None:
@@ -113,7 +99,7 @@ def test_constructor_rejects_bad_arguments() -> None:
 def test_dp_noise_reports_an_epsilon(tmp_path) -> None:
     fed, dm = _setup(0, num_clients=6)
     clustering = TaskClustering(num_clusters=2, dp_noise_multiplier=1.0)
-    _trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
     eps = clustering.metrics(clustering.result, dm)["clustering/dp_epsilon"]
     assert 0 < eps < float("inf")
 
@@ -127,7 +113,7 @@ def test_codes_number_names_by_first_appearance() -> None:
 def test_ablation_assignments_skip_fingerprints(tmp_path, assign, expected) -> None:
     fed, dm = _setup(0, num_clients=6)
     clustering = TaskClustering(num_clusters=2, assign=assign)
-    _trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
     assert fed.channel.stats.fingerprints_up == 0
     if expected is not None:
         assert clustering.result.num_clusters == expected
