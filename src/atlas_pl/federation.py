@@ -245,7 +245,7 @@ class Federation(L.LightningModule):
                     signal[f"{side}.{module}.lora_B"] = (b.detach() - saved[name][f"{module}.lora_B"]).flatten()
                 elif b.grad is not None:
                     signal[f"{side}.{module}.lora_B"] = b.grad.detach().flatten().clone()
-            for param in self.backbone.server_parameters(name) + self.backbone.bank.parameters(name):
+            for param in self.backbone.server_parameters(name):  # its LoRA factors (and task heads)
                 param.grad = None
             self.backbone.load_adapter_state(name, saved[name])
         return signal
