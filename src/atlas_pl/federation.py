@@ -65,7 +65,8 @@ class Federation(L.LightningModule):
             separately (SplitLoRA; equal ranks), ``exact`` merges heterogeneous ranks losslessly and re-decomposes
             to each client's ranks (ATLAS), ``zero_pad`` / ``dense_svd`` / ``flora`` are baselines, ``none`` keeps
             every client's adapter local (the local-only lower bound), ``centralized`` trains one client adapter and
-            one server adapter on every client's batches in turn (pooled data: the upper bound; nothing to merge).
+            one server adapter per cluster on its clients' batches in turn (pooled data: the upper bound; nothing
+            to merge; one cluster = one model on all the data, true-task clusters = one model per task).
             A ``ClusterAggregation`` callback overrides it.
         server_adapters: ``per_cluster``: clients of a cluster train one shared server adapter in turn;
             ``per_client``: each client has its own server adapter, aggregated like the client adapters.
@@ -132,17 +133,21 @@ class Federation(L.LightningModule):
         self._round_start_time = 0.0
 
     # ------------------------------------------------------------------------------------------ clients
-    def server_adapter_name(self, client_idx: int) -> str:
+    def client_adapter_name(self, client_idx: int) -> str:
+        """Client adapter of ``client_idx``: its own, or its cluster's pooled one (``centralized``)."""
         if self.aggregation == "centralized":
-            return "server_c0"
-        if self.server_adapters == "per_client":
+            return f"client_c{self.cluster_ids[client_idx]}"
+        return f"client_{client_idx}"
+
+    def server_adapter_name(self, client_idx: int) -> str:
+        if self.server_adapters == "per_client" and self.aggregation != "centralized":
             return f"server_{client_idx}"
         return f"server_c{self.cluster_ids[client_idx]}"
 
     def _make_client(self, idx: int) -> SplitClient:
         return SplitClient(
             self.backbone,
-            client_adapter="client_0" if self.aggregation == "centralized" else f"client_{idx}",
+            client_adapter=self.client_adapter_name(idx),
             server_adapter=self.server_adapter_name(idx),
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
@@ -168,13 +173,22 @@ class Federation(L.LightningModule):
                 "clients left out of clustering must still be assigned a cluster"
             )
         previous = [c.server_adapter for c in self.clients]
+        previous_client = [c.client_adapter for c in self.clients]
         self.cluster_ids = ids
+        backbone = self.backbone
         for idx, client in enumerate(self.clients):
             name = self.server_adapter_name(idx)
-            if name not in self.backbone.server_adapters:
-                self.backbone.add_server_adapter(name)
-                self.backbone.load_adapter_state(name, self.backbone.adapter_state(previous[idx]))
+            if name not in backbone.server_adapters:
+                backbone.add_server_adapter(name)
+                backbone.load_adapter_state(name, backbone.adapter_state(previous[idx]))
             client.server_adapter = name
+            name = self.client_adapter_name(idx)  # changes only when centralized: one pooled adapter per cluster
+            if name not in backbone.client_adapters:
+                old = previous_client[idx]
+                pattern, cut = dict(backbone.bank.ranks[old]), backbone.cut_of(old)
+                backbone.add_client_adapter(name, rank_pattern=pattern, cut_layer=cut)
+                backbone.load_adapter_state(name, backbone.adapter_state(old))
+            client.client_adapter = name
 
     def set_client_ranks(self, rank_patterns: list[dict[str, int]], cut_layers: list[int] | None = None) -> None:
         """Give each client adapter its own per-module ranks (phase 2) and, optionally, its own cut layer.

@@ -124,12 +124,30 @@ def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_
 
 def test_centralized_training_shares_one_adapter_pair_across_all_clients(fast_trainer_kwargs, seeded) -> None:
     fed = Federation(**tiny_federation_kwargs(aggregation="centralized", server_adapters="per_client"))
-    before = fed.backbone.bank.state("client_0")
+    before = fed.backbone.bank.state("client_c0")
     trainer = L.Trainer(max_epochs=1, **fast_trainer_kwargs)
     trainer.fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
-    assert {c.client_adapter for c in fed.clients} == {"client_0"}
+    assert {c.client_adapter for c in fed.clients} == {"client_c0"}
     assert {c.server_adapter for c in fed.clients} == {"server_c0"}
     assert len(trainer.optimizers) == 2
-    after = fed.backbone.bank.state("client_0")
+    after = fed.backbone.bank.state("client_c0")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert fed.channel.stats.adapters_up == 0  # nothing to aggregate
+
+
+def test_centralized_with_clusters_pools_each_clusters_data_into_its_own_adapter_pair(
+    fast_trainer_kwargs, seeded
+) -> None:
+    fed = Federation(**tiny_federation_kwargs(aggregation="centralized", server_adapters="per_client"))
+    start = fed.backbone.adapter_state("client_c0")
+    fed.set_clusters([0, 0, 1, 1])  # e.g. TaskClustering(assign="true_task"): one pooled model per task
+    assert [c.client_adapter for c in fed.clients] == ["client_c0", "client_c0", "client_c1", "client_c1"]
+    assert [c.server_adapter for c in fed.clients] == ["server_c0", "server_c0", "server_c1", "server_c1"]
+    for key, value in fed.backbone.adapter_state("client_c1").items():  # a new cluster starts where it was
+        torch.testing.assert_close(value, start[key])
+    trainer = L.Trainer(max_epochs=1, **fast_trainer_kwargs)
+    trainer.fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
+    assert len(trainer.optimizers) == 4
+    c0, c1 = fed.backbone.adapter_state("client_c0"), fed.backbone.adapter_state("client_c1")
+    assert all(not torch.equal(c0[k], start[k]) for k in start if k.endswith("lora_B"))
+    assert any(not torch.equal(c0[k], c1[k]) for k in c0), "the two clusters trained one adapter"
