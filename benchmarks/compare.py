@@ -426,7 +426,7 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
     workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
     if not workloads:
         return []
-    colors = {m: plt.cm.tab10(i) if i < 10 else "k" for i, m in enumerate(METHODS)}
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(METHODS)}
 
     def curves(wl: str, m: str, key: str) -> np.ndarray | None:
         mr = [r[key] for r in rows if r["workload"] == wl and r["method"] == m]
