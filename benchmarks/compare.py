@@ -426,7 +426,8 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
     workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
     if not workloads:
         return []
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(METHODS)}
+    # distinct colors: tab20's dark shades first, then its light ones
+    colors = {m: plt.cm.tab20((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(METHODS)}
 
     def curves(wl: str, m: str, key: str) -> np.ndarray | None:
         mr = [r[key] for r in rows if r["workload"] == wl and r["method"] == m]
@@ -436,20 +437,23 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
         return np.array([[np.nan if v is None else v for v in c[:n]] for c in mr], dtype=float)
 
     written = []
-    # accuracy per round
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
-    for ax, wl in zip(axes[0], workloads):
-        for m in methods_order:
-            c = curves(wl, m, "acc_per_round")
-            if c is None:
-                continue
-            x = np.arange(1, c.shape[1] + 1)
-            ls = "--" if m.startswith("atlas_") else "-"
-            ax.plot(x, c.mean(0), marker="o", ms=3, color=colors[m], label=m, ls=ls)
-            if c.shape[0] > 1:
-                ax.fill_between(x, c.min(0), c.max(0), color=colors[m], alpha=0.15)
-        ax.set(xlabel="round", ylabel="mean val accuracy", title=wl)
-        ax.legend(fontsize=7)
+    # accuracy per round: methods (top row), ATLAS and its ablations (bottom row); mean over seeds, band = min..max
+    panels = [("methods", [m for m in methods_order if not m.startswith("atlas_")]),
+              ("ATLAS ablations", [m for m in methods_order if m.startswith("atlas")])]  # fmt: skip
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6.5 * len(workloads), 8.5), squeeze=False)
+    for row, (title, group) in enumerate(panels):
+        for ax, wl in zip(axes[row], workloads):
+            for m in group:
+                c = curves(wl, m, "acc_per_round")
+                if c is None:
+                    continue
+                x = np.arange(1, c.shape[1] + 1)
+                ls = "--" if m.startswith("atlas_") else "-"
+                ax.plot(x, c.mean(0), marker="o", ms=3, color=colors[m], label=f"{m} ({c.shape[0]} seeds)", ls=ls)
+                if c.shape[0] > 1:
+                    ax.fill_between(x, c.min(0), c.max(0), color=colors[m], alpha=0.12)
+            ax.set(xlabel="round", ylabel="mean val accuracy", title=f"{wl}: {title}")
+            ax.legend(fontsize=7)
     save_fig(fig, prefix.with_name(prefix.name + "_accuracy.png"))
     written.append(prefix.name + "_accuracy.png")
     # accuracy vs bytes communicated
