@@ -308,32 +308,32 @@ def add_rounds_to_target(rows: list[dict]) -> None:
     of the two centralized runs (``centralized``: one model on all pooled data, ``centralized_task``: one model per
     task); also of the best final accuracy of any method present (same workload and seed), a reference that does not
     depend on one method."""
-    central: dict[tuple, float] = {}
+    central = best_final(rows, ("centralized", "centralized_task"))
+    best = best_final(rows)
     for r in rows:
-        if r["method"] in ("centralized", "centralized_task") and r["final_acc"] is not None:
-            key = (r["workload"], r["seed"])
-            central[key] = max(central.get(key, 0.0), r["final_acc"])
+        key = (r["workload"], r["seed"])
+        r["best_final_acc"] = best.get(key)
+        r["rounds_to_95_best"] = first_round_reaching(r["acc_per_round"], best.get(key))
+        target = central.get(key)
+        r["target_acc"] = None if target is None else 0.95 * target
+        r["rounds_to_95"] = first_round_reaching(r["acc_per_round"], target)
+
+
+def best_final(rows: list[dict], methods: tuple[str, ...] | None = None) -> dict[tuple, float]:
+    """(workload, seed) → the best final accuracy among ``methods`` (all methods when ``None``)."""
     best: dict[tuple, float] = {}
     for r in rows:
-        if r["final_acc"] is not None:
+        if r["final_acc"] is not None and (methods is None or r["method"] in methods):
             key = (r["workload"], r["seed"])
             best[key] = max(best.get(key, 0.0), r["final_acc"])
-    for r in rows:
-        ref = best.get((r["workload"], r["seed"]))
-        r["best_final_acc"] = ref
-        r["rounds_to_95_best"] = next(
-            (i + 1 for i, a in enumerate(r["acc_per_round"]) if ref is not None and a is not None and a >= 0.95 * ref),
-            None,
-        )
-        target = central.get((r["workload"], r["seed"]))
-        r["target_acc"] = None if target is None else 0.95 * target
-        r["rounds_to_95"] = None
-        if target is None:
-            continue
-        for i, a in enumerate(r["acc_per_round"]):
-            if a is not None and a >= 0.95 * target:
-                r["rounds_to_95"] = i + 1
-                break
+    return best
+
+
+def first_round_reaching(acc: list[float | None], reference: float | None) -> int | None:
+    """First round (1-based) whose accuracy reaches 95% of ``reference``; ``None`` if never (or no reference)."""
+    if reference is None:
+        return None
+    return next((i + 1 for i, a in enumerate(acc) if a is not None and a >= 0.95 * reference), None)
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
