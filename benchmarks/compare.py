@@ -2,10 +2,11 @@
 
 Every run is one ``atlas-pl fit`` subprocess: a base config (``configs/minilm.yaml`` or ``configs/smollm2.yaml``), a
 method config from ``configs/baselines/`` and a small per-run overlay YAML written into the run folder (logger folder,
-the method's callbacks with checkpointing dropped, ablation settings). Same seeds (``--seed_everything S
+the method's callbacks, a ``RoundCheckpoint`` into the run folder, ablation settings). Same seeds (``--seed_everything S
 --data.seed S``), data and budgets for every method. Runs log into
 ``benchmarks/results/compare_runs/<workload>/<method>/seed<S>/``; a run whose ``results.json`` exists is skipped
-(``--force`` redoes it). The script then parses ``results.json`` / ``allocation.json`` of every run present and
+(``--force`` redoes it), and a run that was killed goes on from its last completed round (``checkpoints/last.ckpt``,
+``--ckpt_path last``). The script then parses ``results.json`` / ``allocation.json`` of every run present and
 writes (atomically) ``benchmarks/results/compare.json``, ``compare.csv``, ``compare_*.png`` and the table between
 ``<!-- compare:begin -->`` / ``<!-- compare:end -->`` in ``benchmarks/README.md``.
 
@@ -142,7 +143,7 @@ def build_run(workload: str, method: str, seed: int, rounds: int | None, quick: 
     base_cfg, method_cfg = WORKLOADS[workload], f"configs/baselines/{baseline}.yaml"
     base, over = load_yaml(ROOT / base_cfg), load_yaml(ROOT / method_cfg)
     callbacks = deep_get(over, "trainer", "callbacks", default=deep_get(base, "trainer", "callbacks", default=[]))
-    callbacks = [dict(c) for c in callbacks or [] if "ModelCheckpoint" not in c.get("class_path", "")]
+    callbacks = [dict(c) for c in callbacks or [] if "Checkpoint" not in c.get("class_path", "")]
     groups = task_groups(base)
     for cb in callbacks:
         name = cb["class_path"].rsplit(".", 1)[-1]
@@ -153,10 +154,12 @@ def build_run(workload: str, method: str, seed: int, rounds: int | None, quick: 
             cb["init_args"] = args
     folder = run_dir(workload, method, seed)
     rel = folder.relative_to(ROOT)  # the fit runs in ROOT: relative paths keep the commands portable
+    # last.ckpt after every round in the run's own folder (ignored by git): a killed run resumes where it stopped
+    checkpoints = {"dirpath": str(rel / "checkpoints")}
+    callbacks.append({"class_path": "atlas_pl.callbacks.RoundCheckpoint", "init_args": checkpoints})
     overlay = {
         "trainer": {
             "callbacks": callbacks,
-            "enable_checkpointing": False,
             "enable_progress_bar": False,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -182,9 +185,15 @@ def execute(run: dict) -> dict:
     atomic_write_text(folder / "command.txt", shlex.join(run["cmd"]) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    cmd = list(run["cmd"])
+    last = folder / "checkpoints" / "last.ckpt"
+    if run.get("force"):
+        last.unlink(missing_ok=True)
+    elif last.exists():  # an earlier attempt was killed after completing some rounds: go on from there
+        cmd += ["--ckpt_path", "last"]
     t0 = time.perf_counter()
-    with open(folder / "log.txt", "w") as log:
-        proc = subprocess.run(run["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(folder / "log.txt", "a" if "--ckpt_path" in cmd else "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     status = "ok" if proc.returncode == 0 and (folder / "results.json").exists() else f"failed (exit {proc.returncode})"
     return {**run, "status": status, "subprocess_seconds": time.perf_counter() - t0}
 
@@ -610,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
             for wl in args.workloads
             for m in args.methods
         ]
-        todo = [r for r in runs if args.force or not (r["folder"] / "results.json").exists()]
+        todo = [{**r, "force": args.force} for r in runs if args.force or not (r["folder"] / "results.json").exists()]
         print(f"{len(runs)} runs, {len(runs) - len(todo)} done already, {len(todo)} to run")
         run_all(todo, args.jobs)
     report(None if args.report_only else command, measure=not args.no_measure, quick=args.quick)

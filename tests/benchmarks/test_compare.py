@@ -33,8 +33,9 @@ def test_every_method_runs_the_same_base_config_and_seed_with_its_own_settings()
         cmd = run["cmd"]
         assert cmd[cmd.index("--config") + 1] == "configs/minilm.yaml"
         assert cmd[cmd.index("--seed_everything") + 1] == "3" and cmd[cmd.index("--data.seed") + 1] == "3"
-        callbacks = run["overlay"]["trainer"]["callbacks"]
-        assert not any("ModelCheckpoint" in c["class_path"] for c in callbacks)
+        checkpoints = [c for c in run["overlay"]["trainer"]["callbacks"] if "Checkpoint" in c["class_path"]]
+        assert checkpoints == [{"class_path": "atlas_pl.callbacks.RoundCheckpoint",
+                                "init_args": {"dirpath": str(run["folder"].relative_to(ROOT) / "checkpoints")}}]
     assert _callback(runs["atlas_random"], "TaskClustering")["init_args"] == {"num_clusters": 4, "assign": "random"}
     assert _callback(runs["atlas_uniform"], "RankAllocation")["init_args"]["pattern"] == "uniform"
     assert _callback(runs["atlas"], "RankAllocation")["init_args"]["pattern"] == "importance"

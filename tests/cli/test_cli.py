@@ -62,8 +62,6 @@ def _demo_args(tmp_path: Path, *extra: str) -> list[str]:
         str(tmp_path),
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "logs"),
-        "--trainer.callbacks.init_args.dirpath",
-        str(tmp_path / "ckpt"),
         "--trainer.enable_progress_bar",
         "false",
         *TINY,
@@ -81,11 +79,11 @@ def test_fit_resume_and_validate_from_the_last_checkpoint(tmp_path, in_repo, cap
     results = json.loads(next((tmp_path / "logs").rglob("results.json")).read_text())
     assert [h["round"] for h in results["history"]] == [0, 1]
     assert results["traffic"]["activations_up"] > 0
-    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    assert (tmp_path / "logs" / "demo" / "checkpoints" / "last.ckpt").exists()
     main(_demo_args(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
     resumed = sorted((tmp_path / "logs").rglob("results.json"))[-1]
     assert [h["round"] for h in json.loads(resumed.read_text())["history"]] == [0, 1, 2]
-    validate = ["validate", *_demo_args(tmp_path)[1:], "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    validate = ["validate", *_demo_args(tmp_path)[1:], "--ckpt_path", "last"]
     main(validate)
     assert "val_loss" in capsys.readouterr().out
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
+from atlas_pl.callbacks import RoundCheckpoint
 from atlas_pl.client import SplitClient
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
@@ -83,14 +86,26 @@ def test_split_client_trains_alone_with_a_plain_trainer(fast_trainer_kwargs, see
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+class KeepEachRoundsCheckpoint(Callback):
+    """Copy ``last.ckpt`` as ``round{r}.ckpt`` when round ``r + 1`` starts: what a crash in that round would leave."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if (self.folder / "last.ckpt").exists():  # (a resumed run starts with no last.ckpt in its own folder)
+            shutil.copy(self.folder / "last.ckpt", self.folder / f"round{trainer.current_epoch - 1}.ckpt")
+
+
 def _fit(tmp_path, max_epochs: int, ckpt_path=None) -> Federation:
     L.seed_everything(0, verbose=False)
     fed = Federation(**tiny_federation_kwargs(lora_dropout=0.1))  # dropout: resume must restore the RNG too
     dm = FederatedDataModule(**tiny_data_kwargs(sample_fraction=0.5))
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    ckpt = RoundCheckpoint(dirpath=str(tmp_path / "ckpt"))
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        callbacks=[ckpt], plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
+                        callbacks=[ckpt, KeepEachRoundsCheckpoint(tmp_path / "ckpt")], plugins=[AtomicCheckpointIO()],
+                        default_root_dir=tmp_path)
     trainer.fit(fed, datamodule=dm, ckpt_path=ckpt_path)
     return fed
 
@@ -106,6 +121,17 @@ def test_resume_after_a_round_matches_an_uninterrupted_run(tmp_path) -> None:
     for key in full_state:
         torch.testing.assert_close(resumed_state[key], full_state[key], rtol=0, atol=0)
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+
+
+def test_resume_from_a_checkpoint_written_mid_run_matches_an_uninterrupted_run(tmp_path) -> None:
+    full = _fit(tmp_path / "full", max_epochs=3)
+    round0 = tmp_path / "full" / "ckpt" / "round0.ckpt"  # written at the end of round 0 of a 3-round fit
+    assert len(torch.load(round0, weights_only=False)["federation"]["history"]) == 1
+    resumed = _fit(tmp_path / "cut", max_epochs=3, ckpt_path=str(round0))
+    full_state, resumed_state = _adapters(full), _adapters(resumed)
+    for key in full_state:
+        torch.testing.assert_close(resumed_state[key], full_state[key], rtol=0, atol=0)
+    assert resumed.history == full.history
 
 
 def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_trainer_kwargs, seeded) -> None:
