@@ -116,6 +116,13 @@ def task_groups(base: dict) -> dict[str, str]:
     return out
 
 
+def portable(text: str) -> str:
+    """``text`` without this machine's paths: the checkout becomes ``.``, the environment ``<env>``, home ``~``."""
+    for path, name in ((sys.prefix, "<env>"), (sys.base_prefix, "<python>"), (str(ROOT), "."), (str(Path.home()), "~")):
+        text = text.replace(path + os.sep, name + "/").replace(path, name)
+    return text
+
+
 def run_dir(workload: str, method: str, seed: int) -> Path:
     return RUNS / workload / method / f"seed{seed}"
 
@@ -182,7 +189,7 @@ def execute(run: dict) -> dict:
     folder: Path = run["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "overlay.yaml", yaml.safe_dump(run["overlay"], sort_keys=False))
-    atomic_write_text(folder / "command.txt", shlex.join(run["cmd"]) + "\n")
+    atomic_write_text(folder / "command.txt", shlex.join(["atlas-pl", *run["cmd"][1:]]) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
     cmd = list(run["cmd"])
@@ -194,6 +201,8 @@ def execute(run: dict) -> dict:
     t0 = time.perf_counter()
     with open(folder / "log.txt", "a" if "--ckpt_path" in cmd else "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_file = folder / "log.txt"
+    atomic_write_text(log_file, portable(log_file.read_text(errors="replace")))
     status = "ok" if proc.returncode == 0 and (folder / "results.json").exists() else f"failed (exit {proc.returncode})"
     return {**run, "status": status, "subprocess_seconds": time.perf_counter() - t0}
 
