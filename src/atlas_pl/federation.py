@@ -375,6 +375,8 @@ class Federation(L.LightningModule):
             metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
         for k, v in self.train_loss.grouped(self.cluster_ids).items():
             metrics[f"train_loss/cluster_{k}"] = v
+        for scope, v in self.per_task(self.train_loss).items():
+            metrics[f"train_loss/{scope}"] = v
         metrics["train_loss/round"] = self.train_loss.overall()
         self.log_round(metrics)
 
@@ -421,8 +423,16 @@ class Federation(L.LightningModule):
         self.on_validation_epoch_start()
 
     def evaluation_metrics(self, prefix: str) -> dict[str, float]:
-        """Metrics per client, cluster, task and overall (see :meth:`FederatedEvaluator.compute`)."""
-        return self.evaluator.compute(prefix, self.cluster_ids)
+        """Metrics per client, cluster, task and overall (see :meth:`FederatedEvaluator.compute`), loss per task."""
+        metrics = self.evaluator.compute(prefix, self.cluster_ids)
+        metrics.update({f"{prefix}_loss/{scope}": v for scope, v in self.per_task(self.evaluator.loss).items()})
+        return metrics
+
+    def per_task(self, metric: PerClientMean) -> dict[str, float]:
+        """Weighted mean of a per-client metric over each task's clients, keyed ``task_<name>`` (none without tasks)."""
+        names = [t.name for t in self.evaluator.tasks]
+        grouped = metric.grouped(self.client_task_ids) if names else {}
+        return {f"task_{names[t]}": v for t, v in grouped.items() if t < len(names)}
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

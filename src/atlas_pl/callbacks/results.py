@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlas_pl.io import atomic_write_json, atomic_write_text
+from atlas_pl.tensorboard_layout import add_federation_layout
 
 
 def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -56,6 +57,9 @@ def summary_table(history: list[dict[str, Any]]) -> Table:
 class FederatedResults(Callback):
     """Save ``results.json`` (atomically) in the logger's folder when fit ends.
 
+    At fit start it also saves the client partition and gives TensorBoard a Custom Scalars layout (one chart per
+    metric with a line per cluster, one with a line per task; see :mod:`atlas_pl.tensorboard_layout`).
+
     Args:
         filename: File name inside ``trainer.log_dir`` (or ``default_root_dir`` without a logger).
         summary: Also print a per-round table (validation loss/accuracy per cluster, traffic) at the end of fit.
@@ -68,10 +72,20 @@ class FederatedResults(Callback):
         self.summary = summary
         self._start = 0.0
         self.path: Path | None = None
+        self._layout_written: set[str] = set()  # event folders that have the layout
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
         self.save_partition(trainer)
+        self.save_tensorboard_layout(trainer)
+
+    @rank_zero_only
+    def save_tensorboard_layout(self, trainer: L.Trainer) -> None:
+        """Write the Custom Scalars layout once into each TensorBoard logger's event folder (other loggers: nothing)."""
+        for logger in trainer.loggers:
+            folder = str(getattr(logger, "log_dir", None))
+            if folder not in self._layout_written and add_federation_layout(logger):
+                self._layout_written.add(folder)
 
     @rank_zero_only
     def save_partition(self, trainer: L.Trainer) -> None:
