@@ -25,6 +25,7 @@ from atlas_pl.metrics import PerClientMean
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import Compression, InProcessChannel
+from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.scoring import ScoreNorm
 from atlas_pl.split.step import split_forward_backward
 
@@ -76,6 +77,10 @@ class Federation(L.LightningModule):
             answer tokens; the label spaces of different tasks coexist) or ``first_token`` (argmax over the vocabulary).
         score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
         max_new_tokens: Tokens generated for QA / summarization tasks in evaluation.
+        pooling: How an encoder classifier pools the last hidden states: ``mean`` (attention-mask-weighted mean over
+            tokens), ``cls`` (first token), ``pooler`` (the model's pooler), or ``auto``: a sentence-transformers
+            checkpoint's own pooling (all-MiniLM-L6-v2: ``mean``; its pooler is untrained), else ``pooler`` when the
+            pooler is trained (non-zero bias), else ``mean``. Ignored by causal LMs (see ``atlas_pl.split.pooling``).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class Federation(L.LightningModule):
         scoring: Scoring = "label_words",
         score_norm: ScoreNorm = "sum",
         max_new_tokens: int = 32,
+        pooling: Pooling = "auto",
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -117,7 +123,7 @@ class Federation(L.LightningModule):
         lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules)
         base = load_model(model, task_format, num_labels, model_overrides, dtype)
         base.train()  # pretrained checkpoints load in eval mode; fine-tuning runs dropout as Hugging Face does
-        self.backbone = SplitBackbone(base, cut_layer, lora)
+        self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
         self.channel = InProcessChannel(compression)
         self.num_clients = num_clients
         self.cluster_ids: list[int] = [0] * num_clients

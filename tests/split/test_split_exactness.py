@@ -44,7 +44,8 @@ def test_split_step_lora_gradients_match_monolithic_peft(name: str, task: str) -
     torch.manual_seed(0)
     base = load_model(name, task, num_labels=2, overrides=TINY).eval()
     reference = copy.deepcopy(base)
-    split = SplitBackbone(base, cut_layer=2, lora=LoraSpec(rank=4, alpha=8))
+    # peft's sequence classifier reads BERT's pooler; the other pooling modes are checked in test_pooling.py
+    split = SplitBackbone(base, cut_layer=2, lora=LoraSpec(rank=4, alpha=8), pooling="pooler")
     split.add_client_adapter("c")
     split.add_server_adapter("s")
     _randomize_lora(split.bank, "c", 1)

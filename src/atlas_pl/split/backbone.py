@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas_pl.lora.adapters import AdapterBank, LoraSpec, validate_rank
+from atlas_pl.split.pooling import Pooling, ResolvedPooling, pool, resolve_pooling, validate_pooling
 from atlas_pl.split.registry import (
     ArchSpec,
     block_module_names,
@@ -66,12 +67,19 @@ class SplitBackbone(nn.Module):
         model: A Hugging Face model of a registered architecture (``atlas_pl.split.registry``).
         cut_layer: Blocks ``[0, cut_layer)`` run on the client; must be in ``[1, num_blocks - 1]``.
         lora: LoRA hyper-parameters (rank, alpha, dropout, target modules).
+        pooling: How a classifier pools the last hidden states: ``mean`` (attention-mask-weighted mean), ``cls``
+            (first token), ``pooler`` (the model's pooler), or ``auto``: the checkpoint's own pooling when it is a
+            sentence-transformers folder, else ``pooler`` only if the pooler is trained (non-zero bias), else ``mean``
+            (see ``atlas_pl.split.pooling``). The resolved mode is ``self.pooling``; causal LMs ignore it.
 
     Raises:
-        ValueError: Unknown architecture, bad ``cut_layer``, or a target module missing from the blocks.
+        ValueError: Unknown architecture, bad ``cut_layer``, a target module missing from the blocks, or a bad
+            ``pooling``.
     """
 
-    def __init__(self, model: nn.Module, cut_layer: int, lora: LoraSpec | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, cut_layer: int, lora: LoraSpec | None = None, pooling: Pooling = "auto"
+    ) -> None:
         super().__init__()
         self.arch: ArchSpec = get_arch(model)
         self.num_layers = num_blocks(model, self.arch)
@@ -80,6 +88,10 @@ class SplitBackbone(nn.Module):
         self.lora = lora or LoraSpec()
         self.targets = tuple(self.lora.target_modules or self.arch.default_targets)
         self._check_targets(model)
+        validate_pooling(pooling)
+        self.pooling: ResolvedPooling = (
+            resolve_pooling(pooling, model, self._pooler(model)) if self.arch.task == "classification" else "mean"
+        )
         model.requires_grad_(False)
         self.model: Any = model
         self.bank = AdapterBank(model, fan_in_fan_out=self.arch.fan_in_fan_out)
@@ -98,6 +110,13 @@ class SplitBackbone(nn.Module):
                 f"`target_modules` {missing} not found in a {self.arch.name} block; "
                 f"choose among {list(self.arch.all_targets)}"
             )
+
+    def _pooler(self, model: nn.Module) -> nn.Module | None:
+        path = self.arch.extra.get("pooler")
+        try:
+            return None if path is None else model.get_submodule(path)
+        except AttributeError:  # e.g. a BERT built with `add_pooling_layer=False`
+            return None
 
     @property
     def task(self) -> str:
@@ -290,7 +309,7 @@ class SplitBackbone(nn.Module):
         """
         hidden = self.server_hidden(hidden, attention_mask, cut_layer)
         if self.task == "classification":
-            return self._classify(hidden, labels, server_adapter, task_id)
+            return self._classify(hidden, attention_mask, labels, server_adapter, task_id)
         return self._lm_loss(hidden, labels)
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> ServerOutput:
@@ -316,9 +335,14 @@ class SplitBackbone(nn.Module):
         return ServerOutput(loss=loss, correct=correct, num_targets=int(gold.numel()), first_logits=first_logits)
 
     def _classify(
-        self, hidden: torch.Tensor, labels: torch.Tensor, server_adapter: str | None, task_id: int
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        server_adapter: str | None,
+        task_id: int,
     ) -> ServerOutput:
-        pooled = get_submodule(self.model, self.arch.extra["pooler"])(hidden)
+        pooled = pool(hidden, attention_mask, self.pooling, self._pooler(self.model))
         pooled = get_submodule(self.model, self.arch.extra["dropout"])(pooled)
         head = get_submodule(self.model, self.arch.head_path)
         if server_adapter is not None:
