@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from atlas_pl.data.labels import check_label_column, label_names
 from atlas_pl.data.synthetic import make_synthetic_tasks
 from atlas_pl.data.tasks import Task, TaskSpec, default_label_words, default_template, validate_template
 
@@ -80,7 +81,9 @@ def _load_files(spec: TaskSpec, builder: str, files: dict[str, str], cache_dir: 
         ) from exc
 
 
-def _folder(spec: TaskSpec, data_dir: str | None, cache_dir: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _folder(
+    spec: TaskSpec, data_dir: str | None, cache_dir: str | None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     if spec.path is None and data_dir is None:
         raise ValueError(
             f"task {spec.name!r} is a folder name but data_dir is not set; fix: pass data_dir=<folder holding "
@@ -101,10 +104,10 @@ def _folder(spec: TaskSpec, data_dir: str | None, cache_dir: str | None) -> tupl
             f"task {spec.name!r}: {str(folder / 'train.jsonl')!r} does not exist; fix: add the train split "
             "(one JSON object per line with text and label)."
         )
-    return _load_files(spec, "json", files, cache_dir), meta
+    return _load_files(spec, "json", files, cache_dir), meta, files
 
 
-def _plain(spec: TaskSpec, builder: str, cache_dir: str | None) -> dict[str, Any]:
+def _plain(spec: TaskSpec, builder: str, cache_dir: str | None) -> tuple[dict[str, Any], dict[str, str]]:
     files = dict(spec.data_files or {})
     if spec.path is not None:
         files.setdefault("train", spec.path)
@@ -113,7 +116,7 @@ def _plain(spec: TaskSpec, builder: str, cache_dir: str | None) -> dict[str, Any
             f"task {spec.name!r}: source={spec.source!r} needs a train file; fix: set `path` (the train file) or "
             "`data_files: {train: ..., test: ...}`."
         )
-    return _load_files(spec, builder, files, cache_dir)
+    return _load_files(spec, builder, files, cache_dir), files
 
 
 def _hub(spec: TaskSpec, cache_dir: str | None) -> dict[str, Any]:
@@ -171,41 +174,35 @@ def _normalize_batch(
         out["text_pair"] = [str(v) for v in batch[pair]]
     if target is not None:
         out["target"] = [_target_str(v) for v in batch[target]]
-    elif label is not None:
+    elif label is not None:  # checked by check_label_column before
         values = batch[label]
-        out["label"] = [label_map.get(str(v), -2) if label_map is not None else int(v) for v in values]
+        out["label"] = [label_map[str(v)] if label_map is not None else int(v) for v in values]
     return out
+
+
+def _features(pair: str | None, label: str | None, target: str | None) -> datasets.Features:
+    """The normalized columns' types, set explicitly: an output column never inherits a removed raw column's type."""
+    features = {"text": datasets.Value("string")}
+    if pair is not None:
+        features["text_pair"] = datasets.Value("string")
+    if target is not None:
+        features["target"] = datasets.Value("string")
+    elif label is not None:
+        features["label"] = datasets.Value("int64")
+    return datasets.Features(features)
 
 
 def _label_names(spec: TaskSpec, raw: dict[str, Any], meta: dict[str, Any]) -> tuple[list[str], dict[str, int] | None]:
     """Label names and, for string label columns, the name -> id map."""
     feature = raw["train"].features.get(spec.label_column)
-    names = spec.label_names or meta.get("label_names") or getattr(feature, "names", None)
-    if feature is not None and getattr(feature, "dtype", None) in ("string", "large_string"):
-        if names is None:
-            names = sorted({str(v) for ds in raw.values() for v in ds[spec.label_column]})
-        return list(names), {str(n): i for i, n in enumerate(names)}
-    if names is None:
-        top = max(int(np.max(ds[spec.label_column])) for ds in raw.values() if len(ds))
-        names = [str(i) for i in range(top + 1)]
-    return [str(n) for n in names], None
+    given = spec.label_names or meta.get("label_names") or getattr(feature, "names", None)
+    is_string = getattr(feature, "dtype", None) in ("string", "large_string")
+    return label_names(spec.label_column, raw, given, is_string)
 
 
-def _check_labels(task: str, split: str, labels: np.ndarray, num_labels: int) -> bool:
-    """True if the split is labelled; False if every label is -1 (an unlabelled hub test split)."""
-    if len(labels) and (labels == -1).all():
-        return False
-    bad = labels[(labels < 0) | (labels >= num_labels)]
-    if len(bad):
-        shown = "unknown name" if int(bad[0]) == -2 else int(bad[0])
-        raise ValueError(
-            f"task {task!r}: {split} split has {len(bad)} label(s) outside label_names (e.g. {shown}; valid ids "
-            f"0..{num_labels - 1}); fix: correct the data or set label_names to cover every label."
-        )
-    return True
-
-
-def _normalize(spec: TaskSpec, raw: dict[str, Any], meta: dict[str, Any], template: str | None) -> Task:
+def _normalize(
+    spec: TaskSpec, raw: dict[str, Any], meta: dict[str, Any], template: str | None, origins: dict[str, str]
+) -> Task:
     renamed = {std: raw[src] for std, src in ((s, spec.split_names.get(s, s)) for s in SPLITS) if src in raw}
     if "train" not in renamed:
         raise FileNotFoundError(
@@ -215,27 +212,30 @@ def _normalize(spec: TaskSpec, raw: dict[str, Any], meta: dict[str, Any], templa
     text, pair, target = _columns(spec, renamed["train"].column_names)
     is_cls = spec.kind == "classification"
     names, label_map = _label_names(spec, renamed, meta) if is_cls else ([], None)
+    label = spec.label_column if is_cls else None
     kwargs = {
         "text": text,
         "pair": pair,
-        "label": spec.label_column if is_cls else None,
+        "label": label,
         "target": target,
         "label_map": label_map,
     }
+    features = _features(pair, label, target)
     splits: dict[str, Any] = {}
     for split, ds in renamed.items():
-        fp = datasets.fingerprint.Hasher.hash([ds._fingerprint, kwargs, "normalize-v1"])
-        ds = ds.map(
+        where = origins.get(spec.split_names.get(split, split), f"split {split!r}")
+        if is_cls and not check_label_column(spec.name, where, spec.label_column, ds, names, label_map):
+            continue  # an unlabelled (all -1) hub test split
+        fp = datasets.fingerprint.Hasher.hash([ds._fingerprint, kwargs, "normalize-v2"])
+        splits[split] = ds.map(
             _normalize_batch,
             batched=True,
             fn_kwargs=kwargs,
             remove_columns=ds.column_names,
+            features=features,
             new_fingerprint=fp,
             desc=f"normalize {spec.name}/{split}",
         )
-        if is_cls and not _check_labels(spec.name, split, np.asarray(ds["label"]), len(names)):
-            continue
-        splits[split] = ds
     if len(splits["train"]) == 0:
         raise ValueError(f"task {spec.name!r} has an empty train split; fix: check the file or the column mapping.")
     words = spec.label_words or default_label_words(names)
@@ -259,6 +259,12 @@ def _normalize(spec: TaskSpec, raw: dict[str, Any], meta: dict[str, Any], templa
         splits.get("validation"),
         splits.get("test"),
     )
+
+
+def _origins(spec: TaskSpec, raw: dict[str, Any], files: dict[str, str]) -> dict[str, str]:
+    """Where each raw split comes from, for messages: ``"file 'data/train.csv'"`` or ``"dataset 'glue' split 'x'"``."""
+    where = f"dataset {spec.path or spec.name!r}"
+    return {split: f"file {str(files[split])!r}" if split in files else f"{where} split {split!r}" for split in raw}
 
 
 def _subsample(task: Task, limit: int | None, seed: int) -> Task:
@@ -295,14 +301,14 @@ def load_task(
     source = _infer_source(spec)
     meta: dict[str, Any] = {}
     if source == "folder":
-        raw, meta = _folder(spec, data_dir, cache_dir)
+        raw, meta, files = _folder(spec, data_dir, cache_dir)
     elif source in ("csv", "jsonl"):
-        raw = _plain(spec, "csv" if source == "csv" else "json", cache_dir)
+        raw, files = _plain(spec, "csv" if source == "csv" else "json", cache_dir)
     elif source == "hf":
-        raw = _hub(spec, cache_dir)
+        raw, files = _hub(spec, cache_dir), dict(spec.data_files or {})
     else:
         raise ValueError(f"task {spec.name!r}: source={source!r} is loaded by load_tasks; fix: call load_tasks.")
-    return _subsample(_normalize(spec, raw, meta, template), spec.max_train_examples, seed)
+    return _subsample(_normalize(spec, raw, meta, template, _origins(spec, raw, files)), spec.max_train_examples, seed)
 
 
 def _synthetic(spec: TaskSpec, synthetic: dict[str, Any], default: str | None) -> list[Task]:
