@@ -1,6 +1,9 @@
 """ClusterAggregation: per-cluster merge in a Federation, and the reusable DDP mode in a plain Lightning module."""
 
+import warnings
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -134,3 +137,81 @@ def test_reusable_callback_merges_heterogeneous_ranks_across_two_gloo_processes(
     best_rank2 = torch.sqrt((s[2:] ** 2).sum()) / torch.linalg.norm(s)
     error = torch.linalg.norm(after[0]["delta"] - merged) / torch.linalg.norm(merged)
     assert error.item() == pytest.approx(best_rank2.item(), rel=1e-4)  # the best rank-2 approximation
+
+
+# ------------------------------------------------------------------------ DDP mode: the module's client attributes
+class BareLoraModule(L.LightningModule):
+    """A foreign module with one peft LoRA layer and only the client attributes it is given."""
+
+    def __init__(self, **client_attributes) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(4, 4))
+        self.model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+        for name, value in client_attributes.items():
+            setattr(self, name, value)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(4, 4), torch.randn(4, 4))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+
+def _ours(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("ClusterAggregation:")]
+
+
+def test_module_without_client_attributes_warns_once_per_attribute_and_uses_the_defaults(fast_trainer_kwargs) -> None:
+    callback = ClusterAggregation("exact")
+    module = BareLoraModule()
+    trainer = L.Trainer(max_epochs=2, devices=1, callbacks=[callback], **fast_trainer_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module)  # checks at fit start, then aggregates twice
+    messages = _ours(caught)
+    assert len(messages) == 2, messages
+    assert (
+        "BareLoraModule has no `num_examples` attribute; using num_examples=1 (this client's aggregation weight; "
+        "every client counts equally); fix: set `self.num_examples = ...` in the module's __init__ or setup"
+    ) in messages[0]
+    assert "has no `cluster_id` attribute; using cluster_id=0" in messages[1] and "self.cluster_id = ..." in messages[1]
+    assert callback.last_round == 1 and list(callback.reports) == [0]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "record"),
+    [
+        ({"num_examples": 30, "cluster_id": 2}, (30.0, 2)),
+        ({"num_examples": torch.tensor(7), "cluster_id": np.int64(1)}, (7.0, 1)),
+        ({"num_examples": 0.5, "cluster_id": torch.tensor(3)}, (0.5, 3)),
+    ],
+    ids=["ints", "tensor_and_numpy", "float_and_tensor"],
+)
+def test_module_with_client_attributes_gets_its_values_and_no_warning(attributes, record) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ClusterAggregation().client_record(BareLoraModule(**attributes)) == record
+
+
+@pytest.mark.parametrize(
+    ("attributes", "needle"),
+    [
+        ({"num_examples": 0}, "`BareLoraModule.num_examples` must be a number > 0"),
+        ({"num_examples": float("nan")}, "num_examples` must be a number > 0"),
+        ({"num_examples": "120"}, "num_examples` must be a number > 0 (this client's aggregation weight), got '120'"),
+        ({"num_examples": True}, "num_examples` must be a number > 0"),
+        ({"num_examples": 10, "cluster_id": 1.5}, "`BareLoraModule.cluster_id` must be an int, got 1.5"),
+        ({"num_examples": 10, "cluster_id": "a"}, "cluster_id` must be an int, got 'a'"),
+    ],
+)
+def test_bad_client_attribute_values_are_rejected_at_fit_start(fast_trainer_kwargs, attributes, needle) -> None:
+    trainer = L.Trainer(max_epochs=1, devices=1, callbacks=[ClusterAggregation()], **fast_trainer_kwargs)
+    with pytest.raises(ValueError, match="fix: set it") as info:
+        trainer.fit(BareLoraModule(**{"cluster_id": 0, **attributes}))
+    assert needle in str(info.value)

@@ -11,12 +11,16 @@ Two ways to use it:
   the module's built-in FedAvg;
 * in any Lightning project whose module holds peft LoRA layers and trains under DDP, where each process is one client
   with its own rank pattern: every ``every_n_rounds`` epochs it gathers the adapters across processes with
-  ``torch.distributed`` collectives, merges within the cluster named by the module's ``cluster_id`` attribute (0 if
-  absent) and loads each process's share back. The module may expose ``num_examples`` (aggregation weight; default 1).
+  ``torch.distributed`` collectives, merges within the cluster named by the module's ``cluster_id`` attribute and
+  loads each process's share back, weighting each client by the module's ``num_examples`` attribute. A module
+  without them gets the defaults (cluster 0, weight 1) and one ``UserWarning`` per missing attribute.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from typing import Any
 
 import lightning as L
@@ -28,9 +32,27 @@ from atlas_pl.algorithms.aggregation import AggregationReport, Method, aggregate
 
 METHODS = ("exact", "fedavg", "zero_pad", "flora", "dense_svd")
 
+_CLIENT_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "num_examples": (1, "this client's aggregation weight; every client counts equally"),
+    "cluster_id": (0, "this client's cluster; all clients are merged together"),
+}
+
 
 class ClusterAggregation(Callback):
     """Aggregate LoRA adapters per cluster at the end of every ``every_n_rounds`` rounds.
+
+    In DDP mode (a module other than ``Federation``; one process = one client) the callback reads two attributes of
+    the module at the start of fit and at each aggregation (set them in ``__init__`` or ``setup``, e.g.
+    ``self.num_examples = len(train_dataset)`` and ``self.cluster_id = 1``):
+
+    * ``num_examples`` (a number > 0): the client's aggregation weight, normally its training-set size;
+    * ``cluster_id`` (an int): clients are merged only with the clients of the same cluster.
+
+    A missing attribute is not an error, since one cluster with equal weights is a valid federation: the callback
+    then uses ``num_examples=1`` / ``cluster_id=0`` and warns once per attribute (a ``UserWarning`` naming the
+    attribute, the default and how to set it), so a misspelt attribute does not go unnoticed. A present attribute
+    with a bad value (``num_examples`` not a finite number > 0, ``cluster_id`` not an int) raises a ``ValueError``
+    at the start of fit.
 
     Args:
         method: ``exact`` (ATLAS: lossless merge, best rank-``r_j`` re-decomposition per client), ``fedavg``
@@ -50,6 +72,7 @@ class ClusterAggregation(Callback):
         self.adapter_name = adapter_name
         self.last_round = -1
         self.reports: dict[int, AggregationReport] = {}
+        self._warned: set[str] = set()
 
     def should_aggregate(self, round_idx: int) -> bool:
         """Whether to aggregate at the end of ``round_idx`` (0-based)."""
@@ -61,11 +84,14 @@ class ClusterAggregation(Callback):
             pl_module.external_aggregation = True  # type: ignore[assignment]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not _is_federation(pl_module) and not _lora_layers(pl_module, self.adapter_name):
+        if _is_federation(pl_module):
+            return
+        if not _lora_layers(pl_module, self.adapter_name):
             raise ValueError(
                 f"ClusterAggregation found no peft LoRA layers with adapter {self.adapter_name!r} in "
                 f"{type(pl_module).__name__}; wrap the model with peft.get_peft_model or set `adapter_name`"
             )
+        self.client_record(pl_module)  # up front: warn about missing attributes, reject bad values before training
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -197,11 +223,11 @@ class ClusterAggregation(Callback):
         state = {f"{n}.lora_A": m.lora_A[self.adapter_name].weight.detach().cpu() for n, m in layers}
         state.update({f"{n}.lora_B": m.lora_B[self.adapter_name].weight.detach().cpu() for n, m in layers})
         scaling = {n: float(m.scaling[self.adapter_name]) for n, m in layers}
-        cluster = int(getattr(pl_module, "cluster_id", 0))
+        num_examples, cluster = self.client_record(pl_module)
         mine: dict[str, Any] = {
             "state": state,
             "scaling": scaling,
-            "num_examples": float(getattr(pl_module, "num_examples", 1)),
+            "num_examples": num_examples,
             "cluster": cluster,
             "rank": _rank(),
         }
@@ -223,6 +249,40 @@ class ClusterAggregation(Callback):
             logger.log_metrics(metrics, step=pl_module.current_epoch)
         return report
 
+    def client_record(self, pl_module: L.LightningModule) -> tuple[float, int]:
+        """This process's ``(num_examples, cluster_id)``: the module's attributes, or the defaults with a warning.
+
+        Raises:
+            ValueError: If ``num_examples`` is not a finite number > 0 or ``cluster_id`` is not an int.
+        """
+        name = type(pl_module).__name__
+        weight = _scalar(self._attribute(pl_module, "num_examples"))
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < float(weight) < math.inf:
+            raise ValueError(
+                f"`{name}.num_examples` must be a number > 0 (this client's aggregation weight), got {weight!r}; "
+                "fix: set it to the size of this client's training set"
+            )
+        cluster = _scalar(self._attribute(pl_module, "cluster_id"))
+        if isinstance(cluster, bool) or not isinstance(cluster, numbers.Integral):
+            raise ValueError(
+                f"`{name}.cluster_id` must be an int, got {cluster!r}; fix: set it to this client's cluster index"
+            )
+        return float(weight), int(cluster)
+
+    def _attribute(self, pl_module: L.LightningModule, attr: str) -> Any:
+        if hasattr(pl_module, attr):
+            return getattr(pl_module, attr)
+        default, meaning = _CLIENT_DEFAULTS[attr]
+        if attr not in self._warned:
+            self._warned.add(attr)
+            warnings.warn(
+                f"ClusterAggregation: {type(pl_module).__name__} has no `{attr}` attribute; using {attr}={default} "
+                f"({meaning}); fix: set `self.{attr} = ...` in the module's __init__ or setup",
+                UserWarning,
+                stacklevel=3,
+            )
+        return default
+
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"last_round": self.last_round, "method": self.method}
@@ -237,6 +297,11 @@ def _is_federation(module: Any) -> bool:
 
 def _lora_layers(module: torch.nn.Module, adapter: str) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in module.named_modules() if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})]
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element tensor as its Python number; anything else unchanged."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 def _rank() -> int:
