@@ -1,0 +1,45 @@
+"""The pure core of ATLAS (torch / numpy / scikit-learn only, never Lightning): one module per phase."""
+
+from atlas_pl.algorithms.aggregation import (
+    AggregationReport,
+    FactoredUpdate,
+    aggregate_lora,
+    dense_svd_merge,
+    fedavg,
+    merge_lora,
+    merge_lora_states,
+    normalize_weights,
+)
+from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
+from atlas_pl.algorithms.fingerprint import fingerprint_bytes, lora_gradients, project_gradients
+from atlas_pl.algorithms.importance import cluster_importance, module_importance, normalize_importance
+from atlas_pl.algorithms.privacy import clip_to_norm, dp_epsilon, privatize
+from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, rank_pattern, scale_ranks
+
+__all__ = [
+    "AggregationReport",
+    "Allocation",
+    "ClusterResult",
+    "FactoredUpdate",
+    "RankAllocator",
+    "aggregate_lora",
+    "clip_to_norm",
+    "cluster_clients",
+    "cluster_importance",
+    "clustering_scores",
+    "dense_svd_merge",
+    "dp_epsilon",
+    "embed_2d",
+    "fedavg",
+    "fingerprint_bytes",
+    "lora_gradients",
+    "merge_lora",
+    "merge_lora_states",
+    "module_importance",
+    "normalize_importance",
+    "normalize_weights",
+    "privatize",
+    "project_gradients",
+    "rank_pattern",
+    "scale_ranks",
+]

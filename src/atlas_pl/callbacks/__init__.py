@@ -1,7 +1,21 @@
-"""Lightning callbacks of atlas-pl (usable in other Lightning projects)."""
+"""Lightning callbacks of atlas-pl: the ATLAS phases, round checkpoints, results and progress.
 
+``TaskClustering`` (phase 1), ``RankAllocation`` (phase 2) and ``ClusterAggregation`` (phase 4) drive a federation;
+``RoundCheckpoint`` writes a resumable ``last.ckpt`` after every round in any Lightning project.
+"""
+
+from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
 from atlas_pl.callbacks.progress import FederatedProgress
+from atlas_pl.callbacks.rank_allocation import RankAllocation
 from atlas_pl.callbacks.results import FederatedResults
 from atlas_pl.callbacks.round_checkpoint import RoundCheckpoint
+from atlas_pl.callbacks.task_clustering import TaskClustering
 
-__all__ = ["FederatedProgress", "FederatedResults", "RoundCheckpoint"]
+__all__ = [
+    "ClusterAggregation",
+    "FederatedProgress",
+    "FederatedResults",
+    "RankAllocation",
+    "RoundCheckpoint",
+    "TaskClustering",
+]

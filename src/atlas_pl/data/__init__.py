@@ -18,12 +18,12 @@ from atlas_pl.data.tasks import DEFAULT_TEMPLATES, Task, TaskInfo, TaskSpec
 from atlas_pl.data.tokenizers import load_tokenizer
 
 __all__ = [
-    "DEFAULT_TEMPLATES",
-    "GROUPS",
-    "PROMPT_TEMPLATE",
     "ClientChunkBatchSampler",
+    "DEFAULT_TEMPLATES",
     "Example",
     "FederatedDataModule",
+    "GROUPS",
+    "PROMPT_TEMPLATE",
     "RoundBatchSampler",
     "SyntheticTask",
     "Task",
