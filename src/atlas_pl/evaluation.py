@@ -9,6 +9,8 @@ per cluster and overall.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +19,8 @@ from torch import nn
 
 from atlas_pl.client import SplitClient
 from atlas_pl.metrics import PRIMARY, PerClientMean, TaskKind, TaskMetrics, example_scores
+from atlas_pl.split.backbone import ServerOutput
+from atlas_pl.split.registry import get_submodule
 from atlas_pl.split.scoring import ScoreNorm, answer_starts, greedy_generate, score_label_words
 
 Scoring = Literal["label_words", "label_first_token", "first_token"]
@@ -31,6 +35,7 @@ class TaskInfo:
     num_labels: int = 2
     group: str = ""
     label_ids: list[list[int]] = field(default_factory=list)  # causal LM: answer token ids per label (incl. EOS)
+    label_names: list[str] = field(default_factory=list)  # class names in id order (predictions files)
 
 
 def tasks_from_datamodule(dm: Any) -> list[TaskInfo]:
@@ -45,9 +50,60 @@ def tasks_from_datamodule(dm: Any) -> list[TaskInfo]:
                 num_labels=int(getattr(task, "num_labels", 0) or 0),
                 group=str(getattr(task, "group", "")),
                 label_ids=[list(ids) for ids in verbalizers[t]] if t < len(verbalizers) else [],
+                label_names=[str(n) for n in getattr(task, "label_names", []) or []],
             )
         )
     return out
+
+
+@dataclass
+class BatchResult:
+    """What evaluating one batch of one client gives (see :meth:`FederatedEvaluator.evaluate`).
+
+    Attributes:
+        loss: Teacher-forced mean loss.
+        num_targets: Tokens/examples the loss averages over.
+        task_id: Task of the batch.
+        task: Its description, ``None`` without task information.
+        correct: Per-example correctness (classification).
+        pred: Predicted class per example (``None`` for first-token scoring and generative tasks).
+        probs: ``[B, C]`` class probabilities: softmax over the label words' scores or the head's logits.
+        target: Gold class per example.
+        tokens: First-token scoring: the argmax token at the first answer position.
+        texts: Generated text (QA / summarization).
+        targets: Reference text (QA / summarization).
+        scores: Per-example SQuAD F1 / ROUGE-L of the generated text.
+    """
+
+    loss: torch.Tensor
+    num_targets: int
+    task_id: int = 0
+    task: TaskInfo | None = None
+    correct: torch.Tensor | None = None
+    pred: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    texts: list[str] | None = None
+    targets: list[str] | None = None
+    scores: list[float] | None = None
+
+
+@contextmanager
+def capture_head_logits(client: SplitClient, task_id: int) -> Iterator[list[torch.Tensor]]:
+    """Collect the classification logits an encoder's task head computes inside the block (empty for causal LMs)."""
+    captured: list[torch.Tensor] = []
+    backbone = client.split
+    if backbone.task != "classification":
+        yield captured
+        return
+    heads = backbone.heads_of(client.server_adapter)
+    head = heads[task_id] if task_id in heads else get_submodule(backbone.model, backbone.arch.head_path)
+    handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output.detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class FederatedEvaluator(nn.Module):
@@ -100,27 +156,78 @@ class FederatedEvaluator(nn.Module):
 
     # ------------------------------------------------------------------------------------------ one batch
     @torch.no_grad()
+    def evaluate(self, client: SplitClient, batch: dict) -> BatchResult:
+        """Loss and per-example predictions of one batch of one client (what :meth:`update` and :meth:`predict` use)."""
+        task_id = int(batch.get("task_id", 0))
+        task = self.tasks[task_id] if task_id < len(self.tasks) else None
+        with capture_head_logits(client, task_id) as captured:
+            out = client.evaluate(batch)
+        result = BatchResult(out.loss, out.num_targets, task_id, task)
+        if task is not None and task.kind != "classification":
+            result.texts, result.targets = self._generate(client, batch), list(batch["targets"])
+            result.scores = example_scores(task.kind, result.texts, result.targets)
+            return result
+        result.correct = out.correct
+        if task is None:  # no task information: the model's own prediction (encoders), correctness
+            result.pred = out.pred
+            result.probs = captured[0].float().softmax(dim=-1) if captured else None
+            return result
+        result.target = batch["label"] if "label" in batch else batch["labels"]
+        result.pred, result.probs = self._predict_class(client, batch, task, out, captured)
+        if result.pred is None:  # first-token scoring: the argmax token over the vocabulary, correctness only
+            assert out.first_logits is not None
+            result.tokens = out.first_logits.argmax(dim=1)
+        else:
+            result.correct = result.pred == result.target
+        return result
+
     def update(self, client: SplitClient, batch: dict) -> None:
         """Evaluate one batch of one client and accumulate its metrics."""
         idx = int(batch["client_idx"])
-        out = client.evaluate(batch)
-        self.loss.update(out.loss, idx, out.num_targets)
-        task_id = int(batch.get("task_id", 0))
-        task = self.tasks[task_id] if task_id < len(self.tasks) else None
-        if task is None:
-            self._update_correct(idx, out.correct)
+        result = self.evaluate(client, batch)
+        self.loss.update(result.loss, idx, result.num_targets)
+        if result.scores is not None:
+            self.score.update(torch.tensor(result.scores).mean(), idx, len(result.scores))
+            assert self.task_metrics is not None and result.texts is not None and result.targets is not None
+            self.task_metrics.update_text(result.task_id, result.texts, result.targets)
             return
-        if task.kind != "classification":
-            self._update_generated(client, batch, idx, task_id, task)
-            return
-        pred = self._predict_class(client, batch, task, out.pred, out.first_logits)
-        target = batch["label"] if "label" in batch else batch["labels"]
-        if pred is None:  # first-token scoring: correctness only
-            self._update_correct(idx, out.correct)
-            return
-        self._update_correct(idx, pred == target)
-        assert self.task_metrics is not None
-        self.task_metrics.update_classes(task_id, pred, target)
+        assert result.correct is not None
+        self._update_correct(idx, result.correct)
+        if result.pred is not None and result.task is not None:
+            assert self.task_metrics is not None and result.target is not None
+            self.task_metrics.update_classes(result.task_id, result.pred, result.target)
+
+    def predict(self, client: SplitClient, batch: dict) -> list[dict[str, Any]]:
+        """One record per example: task, prediction, label where known, class probabilities or generated text."""
+        result = self.evaluate(client, batch)
+        task = result.task
+        n = len(result.texts) if result.texts is not None else int(batch["input_ids"].shape[0])
+        rows: list[dict[str, Any]] = [
+            {"task": task.name if task else None, "task_id": result.task_id, "kind": task.kind if task else None}
+            for _ in range(n)
+        ]
+        for b, row in enumerate(rows):
+            if result.texts is not None:
+                assert result.targets is not None and result.scores is not None
+                row.update(prediction=result.texts[b], label=result.targets[b], score=result.scores[b])
+                continue
+            if result.pred is not None:
+                row["prediction"] = int(result.pred[b])
+            elif result.tokens is not None:
+                token = int(result.tokens[b])
+                row["prediction"] = str(self.decode([token])) if self.decode is not None else token
+            if result.target is not None:
+                row["label"] = int(result.target[b])
+            names = task.label_names if task else []
+            if names and result.pred is not None:
+                row["prediction_name"] = names[int(result.pred[b])]
+            if names and result.target is not None and 0 <= int(result.target[b]) < len(names):
+                row["label_name"] = names[int(result.target[b])]
+            if result.probs is not None:
+                row["probabilities"] = [float(p) for p in result.probs[b]]
+            assert result.correct is not None
+            row["correct"] = bool(result.correct[b])
+        return rows
 
     def _update_correct(self, idx: int, correct: torch.Tensor) -> None:
         value = correct.float().mean()
@@ -128,32 +235,30 @@ class FederatedEvaluator(nn.Module):
         self.score.update(value, idx, correct.numel())
 
     def _predict_class(
-        self,
-        client: SplitClient,
-        batch: dict,
-        task: TaskInfo,
-        head_pred: torch.Tensor | None,
-        first_logits: torch.Tensor | None,
-    ) -> torch.Tensor | None:
-        if head_pred is not None:  # encoder: the task head's argmax
-            return head_pred
+        self, client: SplitClient, batch: dict, task: TaskInfo, out: ServerOutput, head_logits: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Predicted class and class probabilities (``None`` for first-token scoring)."""
+        if out.pred is not None:  # encoder: the task head's argmax
+            probs = head_logits[0].float().softmax(dim=-1) if head_logits else None
+            return out.pred, probs
         if self.scoring == "first_token" or not task.label_ids:
-            return None
+            return None, None
         firsts = [ids[0] for ids in task.label_ids]
-        if self.scoring == "label_first_token" and first_logits is not None and len(set(firsts)) == len(firsts):
-            return first_logits[:, firsts].argmax(dim=1)
-        scores = score_label_words(
-            client.split,
-            batch["input_ids"],
-            batch["labels"],
-            task.label_ids,
-            client.client_adapter,
-            client.server_adapter,
-            norm=self.score_norm,
-        )
-        return scores.argmax(dim=1)
+        if self.scoring == "label_first_token" and out.first_logits is not None and len(set(firsts)) == len(firsts):
+            scores = out.first_logits[:, firsts]
+        else:
+            scores = score_label_words(
+                client.split,
+                batch["input_ids"],
+                batch["labels"],
+                task.label_ids,
+                client.client_adapter,
+                client.server_adapter,
+                norm=self.score_norm,
+            )
+        return scores.argmax(dim=1), scores.float().softmax(dim=1)
 
-    def _update_generated(self, client: SplitClient, batch: dict, idx: int, task_id: int, task: TaskInfo) -> None:
+    def _generate(self, client: SplitClient, batch: dict) -> list[str]:
         if self.decode is None:
             raise ValueError("generative tasks need a tokenizer to decode; pass `decode` to FederatedEvaluator")
         starts = answer_starts(batch["labels"]).tolist()
@@ -166,12 +271,7 @@ class FederatedEvaluator(nn.Module):
             client.client_adapter,
             client.server_adapter,
         )
-        preds = [str(self.decode(ids, skip_special_tokens=True)).strip() for ids in generated]
-        targets = list(batch["targets"])
-        scores = torch.tensor(example_scores(task.kind, preds, targets))
-        self.score.update(scores.mean(), idx, len(preds))
-        assert self.task_metrics is not None
-        self.task_metrics.update_text(task_id, preds, targets)
+        return [str(self.decode(ids, skip_special_tokens=True)).strip() for ids in generated]
 
     # ------------------------------------------------------------------------------------------ roll-up
     def compute(self, prefix: str, cluster_ids: list[int]) -> dict[str, float]:

@@ -137,6 +137,7 @@ class Federation(L.LightningModule):
         self._participants: set[int] = set()
         self._round_start_bytes = (0, 0)
         self._round_start_time = 0.0
+        self._predicted: list[int] = [0] * num_clients  # examples predicted per client (``predict_step`` ids)
 
     # ------------------------------------------------------------------------------------------ clients
     def client_adapter_name(self, client_idx: int) -> str:
@@ -278,8 +279,18 @@ class Federation(L.LightningModule):
                 "one device, or use ClusterAggregation with ClientParallelStrategy where each process is one client"
             )
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "num_examples"):
-            return
+        if dm is not None and hasattr(dm, "num_examples"):
+            self.attach_data(dm)
+
+    def attach_data(self, dm: Any) -> None:
+        """Take client sizes, client tasks and the task list (heads, evaluation) from a set-up datamodule.
+
+        ``setup`` calls it with the Trainer's datamodule; call it directly when the model runs on dataloaders without
+        a datamodule (``atlas-pl predict``, export).
+
+        Raises:
+            ValueError: The datamodule has another number of clients, or a client has no training examples.
+        """
         if getattr(dm, "num_clients", self.num_clients) != self.num_clients:
             raise ValueError(
                 f"`model.num_clients` ({self.num_clients}) differs from `data.num_clients` "
@@ -459,6 +470,22 @@ class Federation(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.evaluation_metrics("test"), batch_size=1)
+
+    def on_predict_epoch_start(self) -> None:
+        self._predicted = [0] * self.num_clients
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
+        """Per-example records of one client's batch, scored as in test (:meth:`FederatedEvaluator.predict`).
+
+        ``example_id`` is the example's position in its client's split (batches come client by client, in order).
+        """
+        idx = int(batch["client_idx"])
+        rows = self.evaluator.predict(self.clients[idx], batch)
+        start = self._predicted[idx]
+        self._predicted[idx] += len(rows)
+        return [
+            {"client": idx, "cluster": self.cluster_ids[idx], "example_id": start + k, **r} for k, r in enumerate(rows)
+        ]
 
     # ------------------------------------------------------------------------------------------ checkpointing
     def trainable_keys(self) -> set[str]:
