@@ -6,9 +6,10 @@ the method's callbacks, a ``RoundCheckpoint`` into the run folder, ablation sett
 --data.seed S``), data and budgets for every method. Runs log into
 ``benchmarks/results/compare_runs/<workload>/<method>/seed<S>/``; a run whose ``results.json`` exists is skipped
 (``--force`` redoes it), and a run that was killed goes on from its last completed round (``checkpoints/last.ckpt``,
-``--ckpt_path last``). The script then parses ``results.json`` / ``allocation.json`` of every run present and
-writes (atomically) ``benchmarks/results/compare.json``, ``compare.csv``, ``compare_*.png`` and the table between
-``<!-- compare:begin -->`` / ``<!-- compare:end -->`` in ``benchmarks/README.md``.
+``--ckpt_path last``), also when an older ``results.json`` is still there (the checkpoint is newer). The script then
+parses ``results.json`` / ``allocation.json`` of every run present and writes (atomically)
+``benchmarks/results/compare.json``, ``compare.csv``, ``compare_*.png`` and the table between ``<!-- compare:begin -->``
+/ ``<!-- compare:end -->`` in ``benchmarks/README.md``.
 
 Usage::
 
@@ -79,6 +80,7 @@ DESCRIPTION = {
 }
 QUICK_METHODS = ["atlas", "splitlora", "hsplitlora", "local", "centralized", "centralized_task"]
 QUICK_ARGS = ["--data.max_examples_per_client", "96", "--data.local_steps", "4"]
+POOLING_ORDER = ("mean", "cls", "pooler", None)  # table rows of one method: the current default first
 # shapes for the measured client step (memory_model.worker builds the model from a config: random weights, same sizes)
 MEASURE_SHAPES = {
     "minilm": ("bert-tiny", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
@@ -125,6 +127,13 @@ def portable(text: str) -> str:
 
 def run_dir(workload: str, method: str, seed: int) -> Path:
     return RUNS / workload / method / f"seed{seed}"
+
+
+def is_done(folder: Path) -> bool:
+    """A run is done when its ``results.json`` exists and no round checkpoint is newer (a newer ``last.ckpt`` is a
+    later attempt, e.g. a ``--force`` re-run, that was killed: it resumes from there instead of being skipped)."""
+    results, last = folder / "results.json", folder / "checkpoints" / "last.ckpt"
+    return results.exists() and not (last.exists() and last.stat().st_mtime > results.stat().st_mtime)
 
 
 def machine_info() -> dict:
@@ -265,6 +274,34 @@ def measure_peak(workload: str, base: dict, rank: int, cache: dict) -> int | Non
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
+_AUTO_POOLING: dict[str, str] = {}
+
+
+def run_pooling(hparams: dict) -> str | None:
+    """How a run's encoder classifier pooled its token states; ``None`` for causal LMs.
+
+    Runs from before the ``pooling`` option read the model's pooler; ``auto`` is resolved by the package's rule
+    (``atlas_pl.split.pooling``) for the run's model, once per model.
+    """
+    if hparams.get("task_format") != "classification":
+        return None
+    pooling = hparams.get("pooling", "pooler")
+    if pooling != "auto":
+        return str(pooling)
+    name = str(hparams.get("model"))
+    if name not in _AUTO_POOLING:
+        from atlas_pl.models import load_model, resolve_path
+        from atlas_pl.split.backbone import SplitBackbone
+        from atlas_pl.split.pooling import sentence_transformers_pooling
+
+        found = sentence_transformers_pooling(resolve_path(name)) if Path(resolve_path(name)).is_dir() else None
+        if found is None:
+            model = load_model(name, "classification", overrides=hparams.get("model_overrides"))
+            found = SplitBackbone(model, int(hparams.get("cut_layer", 1))).pooling
+        _AUTO_POOLING[name] = found
+    return _AUTO_POOLING[name]
+
+
 def parse_run(workload: str, method: str, seed: int, measured_cache: dict, measure: bool) -> dict | None:
     folder = run_dir(workload, method, seed)
     path = folder / "results.json"
@@ -310,6 +347,7 @@ def parse_run(workload: str, method: str, seed: int, measured_cache: dict, measu
         "workload": workload, "method": method, "seed": seed, "folder": str(folder.relative_to(ROOT)),
         "command": cmd_file.read_text().strip() if cmd_file.exists() else None,
         "overlay": load_yaml(folder / "overlay.yaml") if (folder / "overlay.yaml").exists() else None,
+        "pooling": run_pooling(res.get("hparams", {})),
         "rounds": len(history), "final_acc": final.get("val_acc"), "group_acc": group_acc, "task_acc": task_acc,
         "acc_per_round": acc, "bytes_cumulative": cum, "bytes_per_round": per_round,
         "mean_bytes_per_round": sum(per_round) / len(per_round) if per_round else None,
@@ -325,11 +363,11 @@ def add_rounds_to_target(rows: list[dict]) -> None:
     """Rounds until ``val_acc`` reaches 95% of the upper bound's final accuracy (same workload and seed): the better
     of the two centralized runs (``centralized``: one model on all pooled data, ``centralized_task``: one model per
     task); also of the best final accuracy of any method present (same workload and seed), a reference that does not
-    depend on one method."""
+    depend on one method. Only runs of the same ``pooling`` are compared."""
     central = best_final(rows, ("centralized", "centralized_task"))
     best = best_final(rows)
     for r in rows:
-        key = (r["workload"], r["seed"])
+        key = (r["workload"], r["seed"], r.get("pooling"))
         r["best_final_acc"] = best.get(key)
         r["rounds_to_95_best"] = first_round_reaching(r["acc_per_round"], best.get(key))
         target = central.get(key)
@@ -338,11 +376,12 @@ def add_rounds_to_target(rows: list[dict]) -> None:
 
 
 def best_final(rows: list[dict], methods: tuple[str, ...] | None = None) -> dict[tuple, float]:
-    """(workload, seed) → the best final accuracy among ``methods`` (all methods when ``None``)."""
+    """(workload, seed, pooling) → the best final accuracy among ``methods`` (all methods when ``None``); runs that
+    pooled differently are never compared."""
     best: dict[tuple, float] = {}
     for r in rows:
         if r["final_acc"] is not None and (methods is None or r["method"] in methods):
-            key = (r["workload"], r["seed"])
+            key = (r["workload"], r["seed"], r.get("pooling"))
             best[key] = max(best.get(key, 0.0), r["final_acc"])
     return best
 
@@ -376,12 +415,16 @@ def markdown_table(rows: list[dict], methods_order: list[str]) -> str:
     for wl in [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]:
         wrows = [r for r in rows if r["workload"] == wl]
         groups = sorted({g for r in wrows for g in r["group_acc"]})
-        head = ["method", "seeds", "rounds", "val acc", *[f"acc {g}" for g in groups], "peak client MiB est. (max)",
+        poolings = any(r.get("pooling") for r in wrows)
+        head = ["method", "seeds", "rounds", "val acc", *(["pooling"] if poolings else []),
+                *[f"acc {g}" for g in groups], "peak client MiB est. (max)",
                 "measured MiB (weakest / strongest)", "MB / round", "wall s", "rounds to 95% upper bound",
                 "rounds to 95% best"]  # fmt: skip
         out += [f"**{wl}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for m in [m for m in methods_order if any(r["method"] == m for r in wrows)]:
-            mr = [r for r in wrows if r["method"] == m]
+        pairs = [(m, p) for m in methods_order for p in POOLING_ORDER if any(
+            r["method"] == m and r.get("pooling") == p for r in wrows)]  # fmt: skip
+        for m, pooling in pairs:
+            mr = [r for r in wrows if r["method"] == m and r.get("pooling") == pooling]
             meas = []
             for label in ("weakest", "strongest"):
                 vals = [r["measured_peak"].get(label, {}).get("bytes") for r in mr]
@@ -397,6 +440,7 @@ def markdown_table(rows: list[dict], methods_order: list[str]) -> str:
                 rb_txt += f" ({sum(v is None for v in rb)}/{len(rb)} never)"
             cells = [m, ",".join(str(r["seed"]) for r in sorted(mr, key=lambda r: r["seed"])),
                      str(mr[0]["rounds"]), fmt(mean_std([r["final_acc"] for r in mr])),
+                     *([pooling or "–"] if poolings else []),
                      *[fmt(mean_std([r["group_acc"].get(g) for r in mr])) for g in groups],
                      fmt(mean_std([r["peak_bytes_max"] for r in mr]), 1 / MIB, 1), " / ".join(meas),
                      fmt(mean_std([r["mean_bytes_per_round"] for r in mr]), 1e-6, 1),
@@ -412,6 +456,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     w.writerow(["workload", "method", "seed", "metric", "round", "value"])
     for r in rows:
         key = (r["workload"], r["method"], r["seed"])
+        w.writerow([*key, "pooling", "", r.get("pooling")])
         for metric in ("final_acc", "peak_bytes_max", "peak_bytes_mean", "mean_bytes_per_round", "wall_seconds",
                        "rounds_to_95", "rounds_to_95_best"):  # fmt: skip
             w.writerow([*key, metric, "", r[metric]])
@@ -450,6 +495,10 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
     # distinct colors: tab20's dark shades first, then its light ones
     colors = {m: plt.cm.tab20((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(METHODS)}
 
+    def label(wl: str, m: str) -> str:
+        pools = sorted({str(r.get("pooling")) for r in rows if r["workload"] == wl and r["method"] == m} - {"None"})
+        return f"{m} [{'+'.join(pools)}]" if pools else m
+
     def curves(wl: str, m: str, key: str) -> np.ndarray | None:
         mr = [r[key] for r in rows if r["workload"] == wl and r["method"] == m]
         if not mr:
@@ -470,7 +519,8 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
                     continue
                 x = np.arange(1, c.shape[1] + 1)
                 ls = "--" if m.startswith("atlas_") else "-"
-                ax.plot(x, c.mean(0), marker="o", ms=3, color=colors[m], label=f"{m} ({c.shape[0]} seeds)", ls=ls)
+                name = f"{label(wl, m)} ({c.shape[0]} seeds)"
+                ax.plot(x, c.mean(0), marker="o", ms=3, color=colors[m], label=name, ls=ls)
                 if c.shape[0] > 1:
                     ax.fill_between(x, c.min(0), c.max(0), color=colors[m], alpha=0.12)
             ax.set(xlabel="round", ylabel="mean val accuracy", title=f"{wl}: {title}")
@@ -485,7 +535,7 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
             if a is None or b is None:
                 continue
             n = min(a.shape[1], b.shape[1])
-            ax.plot(b[:, :n].mean(0) / 1e6, a[:, :n].mean(0), marker="o", ms=3, color=colors[m], label=m,
+            ax.plot(b[:, :n].mean(0) / 1e6, a[:, :n].mean(0), marker="o", ms=3, color=colors[m], label=label(wl, m),
                     ls="--" if m.startswith("atlas_") else "-")  # fmt: skip
         ax.set(xlabel="cumulative MB communicated (up + down)", ylabel="mean val accuracy", title=wl, xscale="log")
         ax.legend(fontsize=7)
@@ -500,7 +550,7 @@ def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> lis
         for j, m in enumerate(present):
             r = next(r for r in rows if r["workload"] == wl and r["method"] == m)
             peaks = np.array(r["client_peak_bytes"]) / MIB
-            ax.bar(np.arange(len(peaks)) + j * width, peaks, width, color=colors[m], label=m)
+            ax.bar(np.arange(len(peaks)) + j * width, peaks, width, color=colors[m], label=label(wl, m))
             budgets = budgets or r["client_budget_bytes"]
         if budgets:
             for i, b in enumerate(budgets):
@@ -565,7 +615,12 @@ def report(command: str | None, measure: bool, quick: bool = False) -> list[dict
         "Mean ± std over seeds (sample std; no ± with one seed). `val acc`: final mean validation accuracy over "
         "all clients; `acc <group>`: mean of the group's tasks' final accuracies; `peak client MiB est.`: the largest "
         "estimated client peak (RankAllocation's `allocation.json`, or `estimate_client_memory` at `lora_rank` for "
-        "methods without it); `measured`: one client step (forward, backward of ∂L/∂h, AdamW) of the weakest / "
+        "methods without it); `pooling` (encoder classifiers): what the head reads, `mean` = the attention-mask-"
+        "weighted mean of the last hidden states (the default for all-MiniLM-L6-v2 since the `pooling` option), "
+        "`pooler` = the checkpoint's pooler, which all-MiniLM-L6-v2 ships untrained (runs from before the option); a "
+        "method with runs of both pooling modes gets one row per mode, and the `rounds to 95%` columns compare only "
+        "runs of the same pooling (`–`: no reference run of that pooling); `measured`: one client step (forward, "
+        "backward of ∂L/∂h, AdamW) of the weakest / "
         "strongest client's rank, torch profiler on CPU (`memory_model.py`'s worker; random weights of the same "
         "shape); `MB / round`: mean per round of the up + down bytes; `rounds to 95% upper bound`: first round "
         "whose accuracy reaches 95% of the better final accuracy of `centralized` and `centralized_task` (same "
@@ -628,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
             for wl in args.workloads
             for m in args.methods
         ]
-        todo = [{**r, "force": args.force} for r in runs if args.force or not (r["folder"] / "results.json").exists()]
+        todo = [{**r, "force": args.force} for r in runs if args.force or not is_done(r["folder"])]
         print(f"{len(runs)} runs, {len(runs) - len(todo)} done already, {len(todo)} to run")
         run_all(todo, args.jobs)
     report(None if args.report_only else command, measure=not args.no_measure, quick=args.quick)
