@@ -1,25 +1,206 @@
 """The ``atlas-pl`` command: a ``LightningCLI`` over ``Federation`` and ``FederatedDataModule``.
 
 Examples: ``atlas-pl fit --config configs/demo.yaml`` (add ``--print_config`` to see every option, or
-``--ckpt_path last`` to resume).
+``--ckpt_path last`` to resume); ``atlas-pl predict --config run.yaml --ckpt_path last`` writes per-example
+predictions to ``predictions.jsonl``; ``atlas-pl export --config run.yaml --ckpt_path last`` writes each cluster's
+adapter in the PEFT folder format.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from atlas_pl.callbacks import FederatedProgress, FederatedResults, RoundCheckpoint
 from atlas_pl.data import FederatedDataModule
+from atlas_pl.export import export_peft
 from atlas_pl.federation import Federation
-from atlas_pl.io import AtomicCheckpointIO
+from atlas_pl.io import AtomicCheckpointIO, atomic_write_text
+
+PredictSplit = Literal["test", "validation"]
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+
+
+class CheckpointError(ValueError):
+    """A ``--ckpt_path`` that does not exist or cannot be read (``atlas-pl`` exits with code 2)."""
+
+
+def read_checkpoint(path: str, weights_only: bool | None = None) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` on the CPU, or raise an error that names the file and the fix.
+
+    Raises:
+        CheckpointError: The file is truncated, not a checkpoint, or has no ``state_dict``.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001  # torch raises anything from RuntimeError to IndexError on bad bytes
+        reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]
+        raise CheckpointError(
+            f"checkpoint {path!r} cannot be read (truncated or not a checkpoint; {type(err).__name__}: {reason}): "
+            "pass another --ckpt_path or delete it"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {path!r} is not a Lightning checkpoint (no `state_dict`): pass another --ckpt_path or "
+            "delete it"
+        )
+    return checkpoint
+
+
+def check_checkpoint_path(path: str | None, weights_only: bool | None = None) -> None:
+    """Fail early, before anything is built or written, on a local ``--ckpt_path`` that is missing or unreadable.
+
+    ``last``/``best``/``hpc``, registry names and remote paths are left to Lightning (``last`` is checked once the
+    Trainer knows its checkpoint folder, see :func:`resolve_checkpoint`).
+
+    Raises:
+        CheckpointError: A missing, truncated or foreign file.
+    """
+    if not path or path in SPECIAL_CKPT_PATHS or str(path).startswith("registry:"):
+        return
+    if not isinstance(get_filesystem(path), LocalFileSystem) or os.path.isdir(path):
+        return
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"checkpoint {path!r} does not exist: pass an existing --ckpt_path (or `last` for the newest round "
+            "checkpoint of this run)"
+        )
+    read_checkpoint(path, weights_only)
+
+
+def resolve_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
+    """The file behind ``ckpt_path``: ``last`` is the newest ``last*.ckpt`` in the checkpoint callbacks' folders."""
+    if ckpt_path != "last":
+        return ckpt_path
+    candidates = []
+    for callback in trainer.checkpoint_callbacks:
+        folder = getattr(callback, "dirpath", None)
+        if folder and os.path.isdir(folder):
+            names = [n for n in os.listdir(folder) if n.startswith("last") and n.endswith(".ckpt")]
+            candidates += [os.path.join(folder, n) for n in names]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+class AtlasTrainer(L.Trainer):
+    """The ``Trainer`` of ``atlas-pl``: ``predict`` writes a predictions file, and ``export`` writes PEFT adapters."""
+
+    def predict(  # type: ignore[override]
+        self,
+        model: L.LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: L.LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        split: PredictSplit = "test",
+        output: str | None = None,
+    ) -> Any:
+        """Per-example predictions of every client's test (or validation) split, written to a JSONL file.
+
+        With a ``Federation`` and a datamodule without ``predict_dataloader``, the examples of ``split`` are scored
+        as ``test`` scores them and written to ``output`` (default ``<log_dir>/predictions.jsonl``), one JSON
+        record per line: ``split``, ``client``, ``cluster``, ``example_id`` (position in the client's split),
+        ``task``, ``task_id``, ``kind``, ``prediction``, ``label``, ``correct`` and, for classification,
+        ``probabilities`` (over the task's classes, in class order) and the class names; generated text and its
+        ``score`` for QA / summarization. Anything else runs Lightning's ``predict`` unchanged.
+
+        Args:
+            model: The model.
+            dataloaders: Dataloaders (then Lightning's ``predict`` runs as is).
+            datamodule: The datamodule.
+            return_predictions: Whether to return the predictions (the file is written either way).
+            ckpt_path: Checkpoint to predict with (``last``: the newest round checkpoint).
+            weights_only: ``torch.load`` ``weights_only``.
+            split: ``test`` or ``validation``.
+            output: File to write (``.jsonl``); default ``<log_dir>/predictions.jsonl``.
+        """
+        if (
+            not isinstance(model, Federation)
+            or datamodule is None
+            or dataloaders is not None
+            or is_overridden("predict_dataloader", datamodule)
+        ):
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        if split not in ("test", "validation"):
+            raise ValueError(f"`split` must be 'test' or 'validation', got {split!r}")
+        datamodule.setup("predict")
+        model.attach_data(datamodule)
+        loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+        with warnings.catch_warnings():  # the client-chunk sampler returns every index once, by construction
+            warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+            batches = super().predict(model, loader, None, True, ckpt_path, weights_only) or []
+        rows = [{"split": split, **row} for batch in batches for row in batch]  # type: ignore[union-attr]
+        path = Path(output or os.path.join(self.log_dir or self.default_root_dir, "predictions.jsonl"))
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        if self.is_global_zero:
+            print(f"predictions of {len(rows)} examples ({split} split) written to {path}")
+        return batches if return_predictions is not False else None
+
+    def export(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str = "last",
+        output_dir: str | None = None,
+        per_client: bool = False,
+    ) -> list[Path]:
+        """Adapters of every cluster (and client) from a checkpoint, in the PEFT folder format.
+
+        Each cluster's client and server LoRA halves are joined into one adapter over the whole model
+        (``adapter_config.json`` + ``adapter_model.safetensors``, ranks in ``rank_pattern``), with the task heads of
+        encoders in ``heads.safetensors`` and a README.md; load one with ``PeftModel.from_pretrained(base, folder)``.
+
+        Args:
+            model: The federation (built from the same config as the checkpoint).
+            datamodule: The datamodule (its tasks give the heads and their names).
+            ckpt_path: Checkpoint to export (``last``: the newest round checkpoint of this run).
+            output_dir: Parent folder of ``cluster_<k>`` (and ``client_<i>``); default ``<log_dir>/peft``.
+            per_client: Also export every client's own adapter pair (``client_<i>``).
+
+        Returns:
+            The written folders.
+
+        Raises:
+            CheckpointError: No checkpoint behind ``ckpt_path``, or an unreadable one.
+            ValueError: ``model`` is not a ``Federation``.
+        """
+        if not isinstance(model, Federation):
+            raise ValueError(f"`export` needs a Federation model, got {type(model).__name__}")
+        path = resolve_checkpoint(self, ckpt_path)
+        if path is None:
+            raise CheckpointError(
+                f"no checkpoint found for --ckpt_path {ckpt_path!r}: run `atlas-pl fit` with this config first, or "
+                "pass the path of a checkpoint"
+            )
+        check_checkpoint_path(path)
+        checkpoint = read_checkpoint(path)
+        if datamodule is not None:
+            datamodule.setup("predict")
+            model.attach_data(datamodule)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=False)
+        folders = export_peft(
+            model, output_dir or os.path.join(self.log_dir or self.default_root_dir, "peft"), per_client
+        )
+        if self.is_global_zero:
+            print(f"exported {len(folders)} PEFT adapters from {path}:")
+            for folder in folders:
+                print(f"  {folder}")
+        return folders
 
 
 class AtlasCLI(LightningCLI):
@@ -29,9 +210,40 @@ class AtlasCLI(LightningCLI):
     config has its own ``ModelCheckpoint`` or ``trainer.enable_checkpointing`` is false).
     """
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``export`` (``AtlasTrainer.export``)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clients", "model.num_clients")
         parser.link_arguments("data.task_format", "model.task_format")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check a ``--ckpt_path`` file before anything is built (a bad one exits 2 naming the file)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            options = self.config[subcommand]
+            check_checkpoint_path(options.get("ckpt_path"), options.get("weights_only"))
+
+    def _check_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: check the file it names, now that the Trainer knows its checkpoint folder."""
+        options = self.config_init[self.subcommand]
+        if options.get("ckpt_path") == "last":
+            check_checkpoint_path(resolve_checkpoint(self.trainer, "last"), options.get("weights_only"))
+
+    def before_fit(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_last_checkpoint()
 
     def instantiate_trainer(self, **kwargs: Any):  # type: ignore[override]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -92,6 +304,7 @@ def main(args: list[str] | None = None) -> None:
         AtlasCLI(
             Federation,
             FederatedDataModule,
+            trainer_class=AtlasTrainer,
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
             save_config_kwargs={"overwrite": True},

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import random
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from atlas_pl.cli import main
@@ -119,3 +122,74 @@ def test_unknown_architecture_is_rejected(tmp_path) -> None:
     model = T5ForConditionalGeneration(T5Config(num_layers=2, d_model=16, d_ff=32, num_heads=2, vocab_size=100))
     with pytest.raises(ValueError, match="unsupported architecture 't5'"):
         SplitBackbone(model, cut_layer=1)
+
+
+def _truncated_checkpoint(path: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"backbone.w": torch.zeros(4096)}, "epoch": 1}, buffer)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def _random_checkpoint(path: Path) -> Path:
+    path.write_bytes(random.Random(0).randbytes(4096))
+    return path
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("make", [_truncated_checkpoint, _random_checkpoint], ids=["truncated", "random_bytes"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "export"])
+def test_unreadable_checkpoint_exits_2_naming_the_file(tmp_path, in_repo, capsys, subcommand, make) -> None:
+    bad = make(tmp_path / "bad.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, *_demo_args(tmp_path)[1:], "--ckpt_path", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(bad)!r} cannot be read" in err and "pass another --ckpt_path or delete it" in err
+    assert _files(tmp_path) == [bad], "nothing may be written before the checkpoint is read"
+
+
+def test_unreadable_last_checkpoint_exits_2_before_writing(tmp_path, in_repo, capsys) -> None:
+    bad = _random_checkpoint(_mkdir(tmp_path / "logs" / "demo" / "checkpoints") / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(_demo_args(tmp_path, "--ckpt_path", "last"))
+    assert exit_info.value.code == 2
+    assert f"checkpoint {str(bad)!r} cannot be read" in capsys.readouterr().err
+    assert _files(tmp_path) == [bad]
+
+
+def test_export_without_a_checkpoint_exits_2(tmp_path, in_repo, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *_demo_args(tmp_path)[1:], "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    assert "no checkpoint found for --ckpt_path 'last'" in capsys.readouterr().err
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def test_export_writes_a_peft_folder_per_cluster_and_client(tmp_path, in_repo, capsys) -> None:
+    from peft import PeftModel
+
+    from atlas_pl.models import load_model
+
+    main(_demo_args(tmp_path, "--trainer.max_epochs", "1"))
+    out = tmp_path / "adapters"
+    main(["export", *_demo_args(tmp_path)[1:], "--ckpt_path", "last", "--output_dir", str(out), "--per_client", "true"])
+    assert str(out / "client_002") in capsys.readouterr().out
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders[:3] == ["client_000", "client_001", "client_002"] and folders[3].startswith("cluster_")
+    for folder in folders:
+        assert {p.name for p in (out / folder).iterdir()} == {
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        }
+    base = load_model("gpt2-tiny", overrides=json.loads(TINY[1]))
+    model = PeftModel.from_pretrained(base, str(out / folders[3]))  # loads into a model of the same architecture
+    assert any("lora_A" in name for name, _ in model.named_parameters())
