@@ -63,3 +63,26 @@ def test_predict_on_the_validation_split_to_a_given_file(tmp_path, in_repo, caps
     assert records and {r["split"] for r in records} == {"validation"}
     assert f"written to {output}" in capsys.readouterr().out
     assert [p.name for p in output.parent.iterdir()] == ["val.jsonl"]  # atomic write: no temporary file left
+
+
+def test_prediction_records_hold_label_word_probabilities_and_generated_text() -> None:
+    from atlas_pl.evaluation import FederatedEvaluator, TaskInfo
+    from tests.test_evaluation import EOS, X, _batch, _client, _hand_built
+
+    split = _hand_built()  # every position predicts token X
+    tasks = [
+        TaskInfo("sentiment", "classification", 2, label_ids=[[5, EOS], [X, EOS]], label_names=["pos", "neg"]),
+        TaskInfo("squad", "qa", 0),
+    ]
+    evaluator = FederatedEvaluator(
+        2, tasks, max_new_tokens=1, eos_token_id=EOS, decode=lambda ids, **_: " ".join({X: "seven"}[i] for i in ids)
+    )
+    rows = evaluator.predict(_client(0, split), _batch(0, 0, [X, EOS], [1, 0]))
+    assert [(r["prediction"], r["label"], r["correct"]) for r in rows] == [(1, 1, True), (1, 0, False)]
+    assert rows[0]["prediction_name"] == "neg" and rows[1]["label_name"] == "pos"
+    assert rows[0]["probabilities"][1] > 0.99 and sum(rows[0]["probabilities"]) == pytest.approx(1.0)
+    rows = evaluator.predict(_client(1, split), _batch(1, 1, [X, EOS], [-1, -1], targets=["seven", "eight"]))
+    assert [(r["kind"], r["prediction"], r["label"], r["score"]) for r in rows] == [
+        ("qa", "seven", "seven", 1.0),
+        ("qa", "seven", "eight", 0.0),
+    ]
