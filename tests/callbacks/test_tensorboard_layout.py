@@ -18,7 +18,7 @@ from atlas_pl.tensorboard_layout import CHARTS, add_federation_layout
 CONFIG_TAG = "custom_scalars__config__"  # where TensorBoard's custom_scalars plugin reads the layout
 TINY_FIT = [
     "--model.model_overrides",
-    '{"n_layer": 2, "n_embd": 32, "n_head": 2}',
+    '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
     "--model.target_modules",
     "null",
     "--data.num_clients",

@@ -11,7 +11,7 @@ from atlas_pl.cli import main
 
 TINY = [
     "--model.model_overrides",
-    '{"n_layer": 2, "n_embd": 32, "n_head": 2}',
+    '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
     "--model.target_modules",
     "null",
     "--data.num_clients",

@@ -17,7 +17,7 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 BASELINES = sorted((Path(__file__).parents[2] / "configs" / "baselines").glob("*.yaml"))
 TINY = [
     "--model.model_overrides",
-    '{"n_layer": 2, "n_embd": 32, "n_head": 2}',
+    '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
     "--data.num_clients",
     "3",
     "--data.num_groups",
@@ -95,7 +95,7 @@ def test_fit_resume_and_validate_from_the_last_checkpoint(tmp_path, in_repo, cap
     ("override", "needle"),
     [
         (["--model.model", "no-such-model-anywhere"], "cannot load model 'no-such-model-anywhere'"),
-        (["--model.cut_layer", "2"], "`cut_layer` must be an int in [1, 1]"),
+        (["--model.cut_layer", "3"], "`cut_layer` must be an int in [1, 2]"),
         (["--model.lora_rank", "0"], "`lora_rank` must be an int >= 1"),
         (["--data.examples_per_client", "0"], "examples_per_client"),
     ],
