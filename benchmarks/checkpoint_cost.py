@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import platform
 import shutil
@@ -64,26 +65,31 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     args = p.parse_args(argv)
-    rows = []
-    for name in args.workloads:
-        folder = Path(tempfile.mkdtemp(prefix=f"ckpt_cost_{name}_"))
-        try:
-            rows.append(run_workload(name, folder / "logs"))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        r = rows[-1]
-        print(f"{name}: {r['rounds']} writes, {max(r['megabytes']):.2f} MB, "
-              f"{min(r['write_seconds']):.3f}-{max(r['write_seconds']):.3f} s per write")  # fmt: skip
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                "torch_threads": 1}  # fmt: skip
-    atomic_write_json(RESULTS / "checkpoint_cost.json", {"machine": machine, "runs": rows})
+    path = RESULTS / "checkpoint_cost.json"
+    runs = {r["workload"]: r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
+    for name in args.workloads:  # the outputs are rewritten after each workload: a stopped run keeps what it measured
+        folder = Path(tempfile.mkdtemp(prefix=f"ckpt_cost_{name}_"))
+        try:
+            runs[name] = {**run_workload(name, folder / "logs"), "machine": machine}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        r = runs[name]
+        print(f"{name}: {r['rounds']} writes, {max(r['megabytes']):.2f} MB, "
+              f"{min(r['write_seconds']):.3f}-{max(r['write_seconds']):.3f} s per write")  # fmt: skip
+        write_outputs(path, [runs[w] for w in WORKLOADS if w in runs])
+
+
+def write_outputs(path: Path, rows: list[dict]) -> None:
+    atomic_write_json(path, {"runs": rows})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["workload", "round", "write_seconds", "megabytes"])
     for r in rows:
         for i, (s, mb) in enumerate(zip(r["write_seconds"], r["megabytes"])):
             writer.writerow([r["workload"], i, f"{s:.4f}", f"{mb:.3f}"])
-    atomic_write_text(RESULTS / "checkpoint_cost.csv", buffer.getvalue())
+    atomic_write_text(path.with_suffix(".csv"), buffer.getvalue())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub (it reads these once)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,6 +16,19 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY_GPT2 = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
+# `atlas-pl` arguments that shrink configs/demo.yaml to a tiny model (3 blocks: the demo's candidate cuts 1 and 2 exist)
+TINY_DEMO_MODEL = ["--model.model_overrides", '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
+                   "--model.target_modules", "null"]  # fmt: skip
+TINY_DEMO = [*TINY_DEMO_MODEL, "--data.num_clients", "3", "--data.num_groups", "1", "--data.tasks_per_group", "1",
+             "--data.examples_per_client", "16", "--data.local_steps", "1", "--data.batch_size", "8"]  # fmt: skip
+
+
+def demo_cli_args(tmp_path, *extra: str) -> list[str]:
+    """``atlas-pl fit`` on the tiny demo, everything written under ``tmp_path`` (logs, checkpoints under ``logs``)."""
+    demo = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    return ["fit", "--config", demo, "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
+            *TINY_DEMO, *extra]  # fmt: skip
 
 
 def tiny_federation_kwargs(**overrides) -> dict:

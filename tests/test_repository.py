@@ -29,9 +29,9 @@ def _committed_text_files() -> list[Path]:
 
 
 def test_the_pattern_catches_machine_paths_and_spares_relative_ones() -> None:
-    slash = "/"  # the examples are built, so that this file does not hold them literally
-    bad = [f"{slash}home/ada/atlas/x.py", f"cd {slash}root/project", f"{slash}opt/venv/bin/python", "C:\\Users\\ada",
-           f"{slash}work/main/a"]  # fmt: skip
+    slash, back = "/", "\\"  # the examples are built, so that this file does not hold them literally
+    bad = [f"{slash}home/ada/atlas/x.py", f"cd {slash}root/project", f"{slash}opt/venv/bin/python",
+           f"C:{back}Users{back}ada", f"{slash}work/main/a"]  # fmt: skip
     good = [".venv/bin/atlas-pl", "../shared/data", "python benchmarks/compare.py", "<env>/lib/python3.11", "~/x"]
     assert all(MACHINE_PATH.search(s) for s in bad)
     assert not any(MACHINE_PATH.search(s) for s in good)

@@ -14,13 +14,11 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from atlas_pl.cli import main
 from atlas_pl.tensorboard_layout import CHARTS, add_federation_layout
+from tests.conftest import TINY_DEMO_MODEL
 
 CONFIG_TAG = "custom_scalars__config__"  # where TensorBoard's custom_scalars plugin reads the layout
 TINY_FIT = [
-    "--model.model_overrides",
-    '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
-    "--model.target_modules",
-    "null",
+    *TINY_DEMO_MODEL,
     "--data.num_clients",
     "4",
     "--data.num_groups",

@@ -8,38 +8,14 @@ from pathlib import Path
 import pytest
 
 from atlas_pl.cli import main
+from tests.conftest import demo_cli_args
 
-TINY = [
-    "--model.model_overrides",
-    '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
-    "--model.target_modules",
-    "null",
-    "--data.num_clients",
-    "2",
-    "--data.examples_per_client",
-    "10",
-    "--data.batch_size",
-    "2",
-]
+TINY = ["--data.num_clients", "2", "--data.examples_per_client", "10", "--data.batch_size", "2"]
 
 
 def _fit_args(tmp_path: Path, task: dict) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(Path(__file__).parents[2] / "configs" / "demo.yaml"),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "logs"),
-        "--trainer.enable_progress_bar",
-        "false",
-        *TINY,
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--data.tasks",
-        json.dumps([task]),
-    ]
+    cache = str(tmp_path / "cache")
+    return demo_cli_args(tmp_path, *TINY, "--data.cache_dir", cache, "--data.tasks", json.dumps([task]))
 
 
 def test_csv_label_outside_label_names_exits_2_naming_file_value_and_fix(tmp_path, capsys) -> None:

@@ -12,27 +12,11 @@ import torch
 import yaml
 
 from atlas_pl.cli import main
+from tests.conftest import TINY_DEMO, demo_cli_args
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 BASELINES = sorted((Path(__file__).parents[2] / "configs" / "baselines").glob("*.yaml"))
-TINY = [
-    "--model.model_overrides",
-    '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
-    "--data.num_clients",
-    "3",
-    "--data.num_groups",
-    "1",
-    "--data.tasks_per_group",
-    "1",
-    "--data.examples_per_client",
-    "16",
-    "--data.local_steps",
-    "1",
-    "--data.batch_size",
-    "8",
-    "--model.target_modules",
-    "null",
-]
+TINY = TINY_DEMO
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -57,19 +41,7 @@ def test_every_baseline_config_parses_on_top_of_the_demo(baseline: Path, capsys)
 
 
 def _demo_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        "configs/demo.yaml",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "logs"),
-        "--trainer.enable_progress_bar",
-        "false",
-        *TINY,
-        *extra,
-    ]
+    return demo_cli_args(tmp_path, *extra)
 
 
 @pytest.fixture
