@@ -31,7 +31,8 @@ from atlas_pl.io import atomic_write_json, atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ATLAS = ["--config", "configs/baselines/atlas.yaml"]
-SHORT = ["--trainer.max_epochs", "2", "--data.local_steps", "2", "--data.max_examples_per_client", "64"]
+SHORT = ["--trainer.max_epochs", "2", "--data.local_steps", "1", "--data.max_examples_per_client", "32",
+         "--trainer.limit_val_batches", "2"]  # a checkpoint holds the same tensors whatever the steps
 WORKLOADS: dict[str, list[str]] = {
     "demo": ["--config", "configs/demo.yaml"],
     "minilm": ["--config", "configs/minilm.yaml", *ATLAS, *SHORT],
