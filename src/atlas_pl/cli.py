@@ -61,8 +61,10 @@ def read_checkpoint(path: str, weights_only: bool | None = None) -> dict[str, An
     return checkpoint
 
 
-def check_checkpoint_path(path: str | None, weights_only: bool | None = None) -> None:
+def check_checkpoint_path(path: str | None, weights_only: bool | None = None) -> dict[str, Any] | None:
     """Fail early, before anything is built or written, on a local ``--ckpt_path`` that is missing or unreadable.
+
+    Returns the checkpoint it loaded, or ``None`` when the path is left to Lightning.
 
     ``last``/``best``/``hpc``, registry names and remote paths are left to Lightning (``last`` is checked once the
     Trainer knows its checkpoint folder, see :func:`resolve_checkpoint`).
@@ -71,15 +73,15 @@ def check_checkpoint_path(path: str | None, weights_only: bool | None = None) ->
         CheckpointError: A missing, truncated or foreign file.
     """
     if not path or path in SPECIAL_CKPT_PATHS or str(path).startswith("registry:"):
-        return
+        return None
     if not isinstance(get_filesystem(path), LocalFileSystem) or os.path.isdir(path):
-        return
+        return None
     if not os.path.exists(path):
         raise CheckpointError(
             f"checkpoint {path!r} does not exist: pass an existing --ckpt_path (or `last` for the newest round "
             "checkpoint of this run)"
         )
-    read_checkpoint(path, weights_only)
+    return read_checkpoint(path, weights_only)
 
 
 def resolve_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
@@ -186,8 +188,7 @@ class AtlasTrainer(L.Trainer):
                 f"no checkpoint found for --ckpt_path {ckpt_path!r}: run `atlas-pl fit` with this config first, or "
                 "pass the path of a checkpoint"
             )
-        check_checkpoint_path(path)
-        checkpoint = read_checkpoint(path)
+        checkpoint = check_checkpoint_path(path) or read_checkpoint(path)  # one load for a local file
         if datamodule is not None:
             datamodule.setup("predict")
             model.attach_data(datamodule)
