@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parents[1]
-PACKAGES = ["atlas_pl", "atlas_pl.algorithms", "atlas_pl.callbacks", "atlas_pl.data", "atlas_pl.lora", "atlas_pl.split"]
+PACKAGES = [
+    "atlas_pl",
+    "atlas_pl.algorithms",
+    "atlas_pl.callbacks",
+    "atlas_pl.data",
+    "atlas_pl.lora",
+    "atlas_pl.memory",
+    "atlas_pl.split",
+]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md")), ROOT / "benchmarks" / "README.md"]
 
 

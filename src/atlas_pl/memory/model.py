@@ -1,4 +1,4 @@
-"""The client memory model: what one split-learning client holds at its peak, and how long its round takes.
+"""The client memory model: what one split-learning client holds at its peak, and the memory-size helpers.
 
 Peak client memory (DESIGN.md, "Memory model") is the sum of
 
@@ -20,6 +20,22 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+__all__ = [
+    "Arch",
+    "DTYPE_BYTES",
+    "Device",
+    "MemoryEstimate",
+    "ModelShape",
+    "Stage",
+    "block_stages",
+    "client_ranks",
+    "dtype_bytes",
+    "estimate_client_memory",
+    "format_size",
+    "parse_size",
+    "peak_backward_extra",
+]
 
 Arch = Literal["gpt2", "llama", "bert"]
 Device = Literal["cpu", "cuda"]
@@ -69,49 +85,6 @@ def dtype_bytes(dtype: Any) -> int:
     if name not in DTYPE_BYTES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPE_BYTES)} (or the torch dtype), got {dtype!r}")
     return DTYPE_BYTES[name]
-
-
-# ------------------------------------------------------------------------------------------------- devices
-LINKS: dict[str, tuple[float, float]] = {
-    "4g": (10e6, 40e6),
-    "5g": (60e6, 300e6),
-    "wifi": (50e6, 150e6),
-    "ethernet": (1e9, 1e9),
-}
-"""Link name → (uplink, downlink) in bits per second (typical sustained rates, not peak)."""
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """A kind of client device.
-
-    Attributes:
-        memory: Memory the training process may use, in bytes.
-        flops: Sustained FLOP/s of a training step on the device (far below the datasheet peak).
-        link: Key of :data:`LINKS`.
-    """
-
-    memory: int
-    flops: float
-    link: str
-
-    @property
-    def uplink_bps(self) -> float:
-        return LINKS[self.link][0]
-
-    @property
-    def downlink_bps(self) -> float:
-        return LINKS[self.link][1]
-
-
-DEVICE_PROFILES: dict[str, DeviceProfile] = {
-    "phone-1gb": DeviceProfile(memory=parse_size("1GB"), flops=2e10, link="4g"),
-    "phone-4gb": DeviceProfile(memory=parse_size("4GB"), flops=5e10, link="5g"),
-    "jetson-8gb": DeviceProfile(memory=parse_size("8GB"), flops=1e12, link="wifi"),
-    "laptop-16gb": DeviceProfile(memory=parse_size("16GB"), flops=2e11, link="wifi"),
-    "gpu-24gb": DeviceProfile(memory=parse_size("24GB"), flops=3e13, link="ethernet"),
-}
-"""Named client devices; ``relative speed`` = ``flops / DEVICE_PROFILES['phone-1gb'].flops``."""
 
 
 # ------------------------------------------------------------------------------------------------- shapes
@@ -504,51 +477,3 @@ def _check_estimate_args(shape: ModelShape, cut_layer: int, batch_size: int, seq
             raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
     if opt not in ("adamw", "sgd"):
         raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {opt!r}")
-
-
-# ------------------------------------------------------------------------------------------------- latency
-@dataclass(frozen=True)
-class LatencyEstimate:
-    """Seconds of one client's round: ``local_steps`` split steps plus the adapter exchange."""
-
-    compute_s: float
-    communication_s: float
-
-    @property
-    def total_s(self) -> float:
-        return self.compute_s + self.communication_s
-
-
-def client_step_flops(shape: ModelShape, cut_layer: int, batch_size: int, seq_len: int) -> float:
-    """FLOPs of a client step: forward (2 per weight per token + ``4 T d`` attention) and backward.
-
-    The frozen linear layers only propagate input gradients in backward (as many FLOPs as forward); attention
-    backward costs twice its forward. LoRA adds a negligible ``O(r)`` per token.
-    """
-    linear = 2 * sum(d_in * d_out for d_in, d_out in shape.target_shapes().values())
-    attention = 4 * seq_len * shape.q_dim
-    per_token_block = 2 * linear + 3 * attention
-    return float(per_token_block * cut_layer * batch_size * seq_len)
-
-
-def estimate_latency(
-    shape: ModelShape,
-    cut_layer: int,
-    profile: DeviceProfile | str,
-    batch_size: int,
-    seq_len: int,
-    local_steps: int = 1,
-    adapter_bytes: int = 0,
-    wire_bytes: int = 4,
-) -> LatencyEstimate:
-    """Compute (FLOPs / device speed) and communication (bytes / link rate) of one client's round.
-
-    Each step sends ``h`` up and receives ``∂L/∂h`` (``batch × seq_len × hidden × wire_bytes`` each); the round
-    ends with the client adapter going up and coming back (``adapter_bytes`` each way).
-    """
-    device = DEVICE_PROFILES[profile] if isinstance(profile, str) else profile
-    compute = local_steps * client_step_flops(shape, cut_layer, batch_size, seq_len) / device.flops
-    cut = batch_size * seq_len * shape.hidden_size * wire_bytes * 8
-    comm = local_steps * (cut / device.uplink_bps + cut / device.downlink_bps)
-    comm += adapter_bytes * 8 * (1 / device.uplink_bps + 1 / device.downlink_bps)
-    return LatencyEstimate(compute_s=compute, communication_s=comm)
