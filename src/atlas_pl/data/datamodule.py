@@ -7,13 +7,12 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from atlas_pl.data.encoding import encode_split, verbalizer_ids
+from atlas_pl.data.client_data import MIN_EXAMPLES, client_datasets, client_splits
+from atlas_pl.data.encoding import verbalizer_ids
 from atlas_pl.data.formats import collate
-from atlas_pl.data.partition import ClientSplit, assign_clients, split_eval, split_task
 from atlas_pl.data.sampling import ClientChunkBatchSampler, RoundBatchSampler, sample_clients
 from atlas_pl.data.sources import load_tasks
 from atlas_pl.data.synthetic import GROUPS
@@ -22,9 +21,6 @@ from atlas_pl.data.tasks import Task, TaskInfo, TaskSpec
 from atlas_pl.data.tokenizers import load_tokenizer
 
 __all__ = ["FederatedDataModule"]
-
-_MIN_EXAMPLES = 2
-"""Fewest examples a client's share may hold (one for training, one for validation)."""
 
 
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -38,13 +34,6 @@ def _offsets(sizes: list[int]) -> list[int]:
         offsets.append(total)
         total += n
     return offsets
-
-
-def _stride_splits(task: Task, num_clients: int, stride: int) -> tuple[list[ClientSplit], list[np.ndarray]]:
-    """The original synthetic layout: share ``k`` of a task is every ``stride``-th example from ``k``."""
-    n_train, n_val = len(task.train), len(task.validation)
-    splits = [ClientSplit(np.arange(k, n_train, stride), np.arange(k, n_val, stride)) for k in range(num_clients)]
-    return splits, [s.val for s in splits]
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -159,7 +148,7 @@ class FederatedDataModule(L.LightningDataModule):
             ("max_examples_per_client", max_examples_per_client),
             ("max_eval_examples_per_client", max_eval_examples_per_client),
         ):
-            _check(cap is None or cap >= _MIN_EXAMPLES, name, cap, f"pass null or an int >= {_MIN_EXAMPLES}")
+            _check(cap is None or cap >= MIN_EXAMPLES, name, cap, f"pass null or an int >= {MIN_EXAMPLES}")
         _check(max_target_length >= 1, "max_target_length", max_target_length, "pass max_target_length >= 1")
         _check(tasks is None or len(tasks) > 0, "tasks", tasks, "list at least one task, or leave tasks unset")
         specs = [TaskSpec.parse(t) for t in tasks or []]  # validates spec keys early
@@ -247,49 +236,6 @@ class FederatedDataModule(L.LightningDataModule):
             )
         return tasks
 
-    def _splits(self, tasks: list[Task]) -> tuple[list[int], list[ClientSplit], list[np.ndarray]]:
-        """Client -> task ids, and per client its train/val indices and its eval (test) indices."""
-        if self._legacy_layout:
-            client_task_ids = [c % len(tasks) for c in range(self.num_clients)]
-        else:
-            client_task_ids = assign_clients(len(tasks), self.num_clients, self.clients_per_task)
-        splits: list[ClientSplit | None] = [None] * self.num_clients
-        evals: list[np.ndarray | None] = [None] * self.num_clients
-        for t, task in enumerate(tasks):
-            clients = [c for c, tid in enumerate(client_task_ids) if tid == t]
-            if not clients:
-                continue
-            if self._legacy_layout:
-                shares, tests = _stride_splits(task, len(clients), -(-self.num_clients // len(tasks)))
-            else:
-                labels = np.asarray(task.train["label"]) if not task.generative else np.zeros(len(task.train), int)
-                shares = split_task(
-                    labels,
-                    len(clients),
-                    method=self.partition,
-                    alpha=self.dirichlet_alpha,
-                    quantity_skew=self.quantity_skew,
-                    min_examples=_MIN_EXAMPLES,
-                    max_examples_per_client=self.max_examples_per_client,
-                    val_fraction=self.val_fraction,
-                    seed=self.seed * 100_003 + t,
-                    task=task.name,
-                )
-                held_out = task.eval_split
-                n_eval = 0 if held_out is None else len(held_out)
-                tests = split_eval(n_eval, len(clients), self.max_eval_examples_per_client, self.seed * 100_003 + t)
-            for c, share, test in zip(clients, shares, tests):
-                splits[c], evals[c] = share, test
-        return client_task_ids, [s for s in splits if s is not None], [e for e in evals if e is not None]
-
-    def _materialize(self, encoded: Any, idx: np.ndarray, task_id: int, name: str, client: int) -> list[dict[str, Any]]:
-        rows = encoded.select(idx).to_list() if len(idx) else []
-        for row in rows:
-            row.update(task_id=task_id, client_idx=client, task=name)
-            if row.get("target") is None:
-                row.pop("target", None)
-        return rows
-
     def setup(self, stage: str | None = None) -> None:
         """Loads the tasks, partitions them over clients and tokenizes everything (idempotent, no trainer needed).
 
@@ -306,40 +252,34 @@ class FederatedDataModule(L.LightningDataModule):
         tasks = self._load()
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        client_task_ids, splits, evals = self._splits(tasks)
-        encode = partial(
-            encode_split,
-            tokenizer=self.tokenizer,
+        client_task_ids, splits, evals = client_splits(
+            tasks,
+            self.num_clients,
+            legacy=self._legacy_layout,
+            clients_per_task=self.clients_per_task,
+            partition=self.partition,
+            dirichlet_alpha=self.dirichlet_alpha,
+            quantity_skew=self.quantity_skew,
+            max_examples_per_client=self.max_examples_per_client,
+            max_eval_examples_per_client=self.max_eval_examples_per_client,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+        data = client_datasets(
+            tasks,
+            self.tokenizer,
+            client_task_ids,
+            splits,
+            evals,
+            legacy=self._legacy_layout,
             task_format=self.task_format,
             max_length=self.max_length,
             max_target_length=self.max_target_length,
+            examples_per_client=self.examples_per_client,
+            val_fraction=self.val_fraction,
         )
-        enc_train: dict[int, Any] = {}
-        enc_eval: dict[int, Any] = {}
-        for t in sorted(set(client_task_ids)):
-            task = tasks[t]
-            enc_train[t] = encode(task.train, task, task.template)
-            held_out = task.validation if self._legacy_layout else task.eval_split
-            enc_eval[t] = None if held_out is None else encode(held_out, task, task.template)
-        self.train_datasets, self.val_datasets, self.test_datasets, self._label_hists = [], [], [], []
-        for c, (t, share, test) in enumerate(zip(client_task_ids, splits, evals)):
-            task = tasks[t]
-            if len(share.train) == 0:
-                raise ValueError(
-                    f"client {c} (task {task.name}) got 0 training examples; fix: increase examples_per_client "
-                    f"(now {self.examples_per_client}), give the task more data, or lower val_fraction "
-                    f"(now {self.val_fraction})."
-                )
-            self.train_datasets.append(self._materialize(enc_train[t], share.train, t, task.name, c))
-            val_source = enc_eval[t] if self._legacy_layout else enc_train[t]
-            self.val_datasets.append(self._materialize(val_source, share.val, t, task.name, c))
-            self.test_datasets.append(
-                self._materialize(enc_eval[t], test, t, task.name, c) if enc_eval[t] is not None else []
-            )
-            hist = np.bincount(
-                [x["label"] for x in self.train_datasets[-1] if x["label"] >= 0], minlength=task.num_labels
-            )
-            self._label_hists.append([int(v) for v in hist])
+        self.train_datasets, self.val_datasets, self.test_datasets = data.train, data.val, data.test
+        self._label_hists = data.label_hists
         self.tasks = [task.info() for task in tasks]
         self.verbalizer_ids = [verbalizer_ids(self.tokenizer, task) for task in self.tasks]
         self.client_task_ids = client_task_ids
