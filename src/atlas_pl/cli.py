@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from atlas_pl.callbacks import FederatedProgress, FederatedResults, RoundCheckpoint
 from atlas_pl.data import FederatedDataModule
@@ -100,6 +101,7 @@ def resolve_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
 class AtlasTrainer(L.Trainer):
     """The ``Trainer`` of ``atlas-pl``: ``predict`` writes a predictions file, and ``export`` writes PEFT adapters."""
 
+    @override
     def predict(  # type: ignore[override]
         self,
         model: L.LightningModule | None = None,
@@ -212,14 +214,17 @@ class AtlasCLI(LightningCLI):
     """
 
     @staticmethod
+    @override
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands plus ``export`` (``AtlasTrainer.export``)."""
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clients", "model.num_clients")
         parser.link_arguments("data.task_format", "model.task_format")
 
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check a ``--ckpt_path`` file before anything is built (a bad one exits 2 naming the file)."""
         super().parse_arguments(parser, args)
@@ -246,6 +251,7 @@ class AtlasCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_last_checkpoint()
 
+    @override
     def instantiate_trainer(self, **kwargs: Any):  # type: ignore[override]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if config.get("plugins") is None:

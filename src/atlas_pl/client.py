@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 from atlas_pl.split.backbone import ServerOutput, SplitBackbone
 from atlas_pl.split.channel import Channel, InProcessChannel
@@ -77,6 +78,7 @@ class SplitClient(L.LightningModule):
     def server_optimizer(self) -> torch.optim.Optimizer:
         return self.make_optimizer(self.split.server_parameters(self.server_adapter))
 
+    @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.client_optimizer(), self.server_optimizer()]
 
@@ -117,15 +119,18 @@ class SplitClient(L.LightningModule):
             task_id=int(batch.get("task_id", 0)),
         )
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
         out = self.run_split_step(batch, cast(list, self.optimizers()), self.manual_backward)
         self.log("train_loss", out.loss.detach(), prog_bar=True, batch_size=out.num_targets)
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.evaluate(batch)
         self.log("val_loss", out.loss, prog_bar=True, batch_size=out.num_targets)
         self.log("val_acc", out.correct.float().mean(), batch_size=out.correct.numel())
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self.evaluate(batch)
         self.log("test_loss", out.loss, batch_size=out.num_targets)

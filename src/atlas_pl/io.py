@@ -20,6 +20,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
 
 TEMP_SUFFIX = ".tmp"
 
@@ -111,6 +112,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Same file format as Lightning's default; remote paths (``s3://``, ...) fall back to it.
     """
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if not isinstance(get_filesystem(str(path)), LocalFileSystem):
             return super().save_checkpoint(checkpoint, str(path), storage_options)

@@ -6,16 +6,23 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from typing_extensions import override
 
 
 class FederatedProgress(RichProgressBar):
-    """``RichProgressBar`` whose training line reads ``Round r/R · client c`` instead of ``Epoch``."""
+    """``RichProgressBar`` whose training line reads ``Round r/R · client c`` instead of ``Epoch``.
 
+    Hooks: ``on_train_batch_start`` — each batch carries its ``client_idx``, so the line names the client being
+    trained right now; ``_get_train_description`` (called by ``RichProgressBar``) names the round instead of the epoch.
+    """
+
+    @override
     def _get_train_description(self, current_epoch: int) -> str:
         total = self.trainer.max_epochs
         text = f"Round {current_epoch + 1}" + (f"/{total}" if total and total > 0 else "")
         return f"{text:{len(self.validation_description)}}"
 
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
+from typing_extensions import override
 
 from atlas_pl.io import atomic_write_json, atomic_write_text
 from atlas_pl.tensorboard_layout import add_federation_layout
@@ -60,6 +61,9 @@ class FederatedResults(Callback):
     At fit start it also saves the client partition and gives TensorBoard a Custom Scalars layout (one chart per
     metric with a line per cluster, one with a line per task; see :mod:`atlas_pl.tensorboard_layout`).
 
+    Hooks: ``on_fit_start`` — the datamodule is set up and the loggers exist, so the partition and layout can be
+    written before the first round; ``on_fit_end`` (rank 0) — the module's history holds every round by then.
+
     Args:
         filename: File name inside ``trainer.log_dir`` (or ``default_root_dir`` without a logger).
         summary: Also print a per-round table (validation loss/accuracy per cluster, traffic) at the end of fit.
@@ -74,6 +78,7 @@ class FederatedResults(Callback):
         self.path: Path | None = None
         self._layout_written: set[str] = set()  # event folders that have the layout
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
         self.save_partition(trainer)
@@ -107,6 +112,7 @@ class FederatedResults(Callback):
             if callable(add_text):
                 add_text("partition", text, 0)
 
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)

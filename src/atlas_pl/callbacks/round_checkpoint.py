@@ -24,12 +24,17 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from atlas_pl.io import AtomicCheckpointIO, remove_stale_temporaries
 
 
 class RoundCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that writes a resumable ``last.ckpt`` after every round (training epoch), atomically.
+
+    Hooks: ``on_train_epoch_end`` — after the round's aggregation and validation, so the checkpoint holds the
+    finished round (``on_validation_end`` does nothing, so no mid-round write); ``setup`` swaps in the atomic
+    checkpoint IO and removes temporaries of killed writes before training starts.
 
     Args:
         dirpath: Folder of the checkpoints; ``None`` = Lightning's default (``<log_dir>/checkpoints``). The
@@ -84,6 +89,7 @@ class RoundCheckpoint(ModelCheckpoint):
         return round_number % self._every_n_epochs == 0 or final or trainer.should_stop
 
     # ------------------------------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         io = trainer.strategy.checkpoint_io
@@ -93,6 +99,7 @@ class RoundCheckpoint(ModelCheckpoint):
             for path in remove_stale_temporaries(self.dirpath):
                 rank_zero_info(f"removed {path.name}: a checkpoint write that was killed before it completed")
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # top-k as in ModelCheckpoint (and `last` when it follows)
         if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved == self.last_model_path:
@@ -100,9 +107,11 @@ class RoundCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer) and self.should_save(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Nothing: the round's checkpoint is written at its very end (``on_train_epoch_end``), not mid-round."""
 
+    @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         start = time.perf_counter()
         super()._save_checkpoint(trainer, filepath)

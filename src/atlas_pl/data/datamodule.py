@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from atlas_pl.data.client_data import MIN_EXAMPLES, client_datasets, client_splits
 from atlas_pl.data.encoding import verbalizer_ids
@@ -236,6 +237,7 @@ class FederatedDataModule(L.LightningDataModule):
             )
         return tasks
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Loads the tasks, partitions them over clients and tokenizes everything (idempotent, no trainer needed).
 
@@ -316,6 +318,7 @@ class FederatedDataModule(L.LightningDataModule):
             interleave=self.interleave_clients,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         self.setup()
         dataset = [item for client in self.train_datasets for item in client]
@@ -336,11 +339,13 @@ class FederatedDataModule(L.LightningDataModule):
             num_workers=0,
         )
 
+    @override
     def val_dataloader(self) -> DataLoader:
         """Every client's validation examples, client by client, in chunks of ``batch_size``."""
         self.setup()
         return self._eval_loader(self.val_datasets)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         """Every client's test share (the task's test split, or validation if none), batched like validation.
 
