@@ -106,7 +106,7 @@ def make_problem(d: int, n: int, s: Settings) -> dict[str, Any]:
 
 
 def runner(method: str, problem: dict[str, Any]) -> Callable[[], Any]:
-    from atlas_pl.algorithms.aggregation import dense_svd_merge, merge_lora
+    from atlas_pl.algorithms.merge import dense_svd_merge, merge_lora
 
     merge = merge_lora if method == "factored" else dense_svd_merge
 
@@ -135,7 +135,7 @@ def accuracy(problem: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]
     """Relative Frobenius errors against the float64 reference ``Σ p_i s_i B_i A_i`` (one check per distinct rank)."""
     import torch
 
-    from atlas_pl.algorithms.aggregation import normalize_weights
+    from atlas_pl.algorithms.merge import normalize_weights
 
     weights = normalize_weights(problem["counts"])
     ref = torch.zeros(problem["factors"][0][1].shape[0], problem["factors"][0][0].shape[1], dtype=torch.float64)

@@ -58,7 +58,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "centralized": ("centralized", {}),
     "centralized_task": ("centralized_task", {}),
     "local": ("local", {}),
-    "atlas_zero_pad": ("atlas", {"args": ["--model.aggregation", "zero_pad"]}),
+    "atlas_zero_pad": ("atlas", {"ClusterAggregation": {"method": {"class_path": "atlas_pl.algorithms.ZeroPad"}}}),
     "atlas_true_task": ("atlas", {"TaskClustering": {"assign": "true_task"}}),
     "atlas_random": ("atlas", {"TaskClustering": {"assign": "random", "num_clusters": "GROUPS"}}),
     "atlas_one": ("atlas", {"TaskClustering": {"assign": "one"}}),

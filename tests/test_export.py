@@ -59,12 +59,13 @@ def _heterogeneous_federation(name: str) -> Federation:
         lora_alpha=8,
     )
     fed.attach_data(_tasks_datamodule())
-    fed.set_clusters([0, 0, 1])
+    fed.assign_clusters([0, 0, 1])
     modules = fed.backbone.client_module_names()
     patterns = [{m: 2 + j for j, m in enumerate(modules)}, {m: 6 for m in modules}, {m: 3 for m in modules}]
-    fed.set_client_ranks(patterns, cut_layers=[1, 2, 1])
+    for client, (pattern, cut) in enumerate(zip(patterns, [1, 2, 1])):
+        fed.resize(client, pattern, cut)
     server = fed.backbone.server_module_names()
-    fed.resize_adapter("server_c1", {m: 1 + j % 3 for j, m in enumerate(server)})
+    fed.roster.resize("server_c1", {m: 1 + j % 3 for j, m in enumerate(server)})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for key, param in fed.named_parameters():

@@ -135,7 +135,7 @@ def test_cuda_attention_keeps_no_score_matrix():
     ("kwargs", "match"),
     [
         (dict(cut_layer=0), "cut_layer"),
-        (dict(cut_layer=12), "cut_layer"),
+        (dict(cut_layer=13), r"cut_layer` must be an int in \[1, 12\]"),  # 12 = every block on the client
         (dict(batch_size=0), "batch_size"),
         (dict(rank=0), "rank"),
         (dict(optimizer="lion"), "optimizer"),

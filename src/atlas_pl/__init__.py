@@ -22,10 +22,19 @@ _LAZY = {
     "ClientParallelStrategy": "atlas_pl.strategies",
     "FederatedDataModule": "atlas_pl.data",
     "Federation": "atlas_pl.federation",
+    "PeftClientMixin": "atlas_pl.peft_client",
     "SplitClient": "atlas_pl.client",
 }
 
-__all__ = ["AtlasCLI", "ClientParallelStrategy", "FederatedDataModule", "Federation", "SplitClient", "__version__"]
+__all__ = [
+    "AtlasCLI",
+    "ClientParallelStrategy",
+    "FederatedDataModule",
+    "Federation",
+    "PeftClientMixin",
+    "SplitClient",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

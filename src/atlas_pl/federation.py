@@ -1,43 +1,37 @@
 """``Federation``: the LightningModule the CLI trains — many split clients over one frozen backbone.
 
 One training epoch is one federated round. The round's batches (built by ``FederatedDataModule``) arrive grouped by
-client: ``local_steps`` batches of each sampled client. Each batch is one split step of that client. At the round's
-last batch the round ends: client (and per-client server) adapters are aggregated and sent back. Phase callbacks
-(clustering, rank allocation, aggregation) read and write the state exposed here: ``clients``, ``cluster_ids``,
-``num_examples``, ``backbone``.
+client: ``local_steps`` batches of each sampled client. Each batch is one split step of that client. The phase
+callbacks (``TaskClustering``, ``RankAllocation``, ``ClusterAggregation``) reach the clients only through the
+federation protocol (``atlas_pl.protocol``) implemented below; which adapter each client trains with is the
+``ClientRoster``'s business. The module never aggregates by itself: without ``ClusterAggregation`` every client keeps
+its own adapters (the local-only baseline).
 """
 
 from __future__ import annotations
 
-import random
 import time
+from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 import lightning as L
-import numpy as np
 import torch
+from typing_extensions import override
 
-from atlas_pl.algorithms.aggregation import fedavg
 from atlas_pl.client import SplitClient
+from atlas_pl.data.client_data import sample_client_batches
 from atlas_pl.evaluation import FederatedEvaluator, Scoring, tasks_from_datamodule
 from atlas_pl.lora.adapters import LoraSpec, validate_rank
 from atlas_pl.metrics import PerClientMean
 from atlas_pl.models import load_model
+from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
+from atlas_pl.rng import rng_state, set_rng_state
+from atlas_pl.roster import ClientRoster, Share
 from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import Compression, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.scoring import ScoreNorm
-from atlas_pl.split.step import split_forward_backward
-
-ServerAdapters = Literal["per_client", "per_cluster"]
-AGGREGATIONS = ("fedavg", "exact", "zero_pad", "dense_svd", "flora", "none", "centralized")
-
-
-def _numpy_state() -> tuple:
-    """NumPy's global RNG state with the key array as a tensor (checkpoints load with ``weights_only=True``)."""
-    state: Any = np.random.get_state()
-    kind, keys, pos, has_gauss, gauss = state
-    return (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+from atlas_pl.split.signal import SignalKind, task_signal
 
 
 def is_round_end(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -62,15 +56,11 @@ class Federation(L.LightningModule):
         target_modules: Module suffixes inside a block to adapt; ``None`` = the architecture's default.
         learning_rate: AdamW learning rate (client and server adapters).
         weight_decay: AdamW weight decay.
-        aggregation: How each cluster's adapters are merged at round end: ``fedavg`` averages ``A`` and ``B``
-            separately (SplitLoRA; equal ranks), ``exact`` merges heterogeneous ranks losslessly and re-decomposes
-            to each client's ranks (ATLAS), ``zero_pad`` / ``dense_svd`` / ``flora`` are baselines, ``none`` keeps
-            every client's adapter local (the local-only lower bound), ``centralized`` trains one client adapter and
-            one server adapter per cluster on its clients' batches in turn (pooled data: the upper bound; nothing
-            to merge; one cluster = one model on all the data, true-task clusters = one model per task).
-            A ``ClusterAggregation`` callback overrides it.
-        server_adapters: ``per_cluster``: clients of a cluster train one shared server adapter in turn;
-            ``per_client``: each client has its own server adapter, aggregated like the client adapters.
+        share: Which adapters a cluster's clients share (see ``atlas_pl.roster``): ``server`` (one server adapter per
+            cluster, trained by its clients in turn; ATLAS and SplitLoRA), ``none`` (each client its own client and
+            server adapter: local-only, or both sides aggregated by ``ClusterAggregation``), ``all`` (one client and
+            one server adapter per cluster on its clients' batches in turn: pooled data, the centralized upper
+            bound; one cluster = one model on all the data, true-task clusters = one model per task).
         compression: Wire format of activations/gradients across the cut (``none``, ``fp16``, ``bf16``, ``int8``).
         dtype: Dtype of the frozen backbone.
         scoring: How causal LMs are scored on classification tasks: ``label_words`` (log-likelihood of each label's
@@ -97,8 +87,7 @@ class Federation(L.LightningModule):
         target_modules: list[str] | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
-        aggregation: Literal["fedavg", "exact", "zero_pad", "dense_svd", "flora", "none", "centralized"] = "fedavg",
-        server_adapters: ServerAdapters = "per_cluster",
+        share: Share = "server",
         compression: Compression = "none",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         scoring: Scoring = "label_words",
@@ -109,14 +98,8 @@ class Federation(L.LightningModule):
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if server_adapters not in ("per_client", "per_cluster"):
-            raise ValueError(f"`server_adapters` must be 'per_client' or 'per_cluster', got {server_adapters!r}")
         validate_rank(lora_rank, "lora_rank")
         self.save_hyperparameters()
-        self.aggregation = aggregation
-        self.server_adapters = server_adapters
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
@@ -126,36 +109,28 @@ class Federation(L.LightningModule):
         self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
         self.channel = InProcessChannel(compression)
         self.num_clients = num_clients
-        self.cluster_ids: list[int] = [0] * num_clients
+        self.roster = ClientRoster(self.backbone, num_clients, share)
         self.num_examples: list[int] = [1] * num_clients
         self.client_task_ids: list[int] = [0] * num_clients
         self.clients: list[SplitClient] = [self._make_client(i) for i in range(num_clients)]
         self.train_loss = PerClientMean(num_clients)
         self.evaluator = FederatedEvaluator(num_clients, None, scoring, score_norm, max_new_tokens)
         self.history: list[dict[str, Any]] = []
-        self.external_aggregation = False  # set by a ClusterAggregation callback that takes aggregation over
         self._participants: set[int] = set()
         self._round_start_bytes = (0, 0)
         self._round_start_time = 0.0
         self._predicted: list[int] = [0] * num_clients  # examples predicted per client (``predict_step`` ids)
 
-    # ------------------------------------------------------------------------------------------ clients
-    def client_adapter_name(self, client_idx: int) -> str:
-        """Client adapter of ``client_idx``: its own, or its cluster's pooled one (``centralized``)."""
-        if self.aggregation == "centralized":
-            return f"client_c{self.cluster_ids[client_idx]}"
-        return f"client_{client_idx}"
-
-    def server_adapter_name(self, client_idx: int) -> str:
-        if self.server_adapters == "per_client" and self.aggregation != "centralized":
-            return f"server_{client_idx}"
-        return f"server_c{self.cluster_ids[client_idx]}"
+    @property
+    def cluster_ids(self) -> list[int]:
+        """Cluster of every client (see :class:`ClientRoster`)."""
+        return self.roster.cluster_ids
 
     def _make_client(self, idx: int) -> SplitClient:
         return SplitClient(
             self.backbone,
-            client_adapter=self.client_adapter_name(idx),
-            server_adapter=self.server_adapter_name(idx),
+            client_adapter=self.roster.adapter(idx, "client"),
+            server_adapter=self.roster.adapter(idx, "server"),
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
             channel=self.channel,
@@ -163,114 +138,91 @@ class Federation(L.LightningModule):
             owns_backbone=False,
         )
 
-    # ------------------------------------------------------------------------------------------ phase hooks
-    def set_clusters(self, cluster_ids: list[int]) -> None:
-        """Assign clients to clusters; with per-cluster server adapters, each cluster gets its own.
+    # ------------------------------------------------------------------------------ the federation protocol
+    def local_clients(self) -> list[int]:
+        """Every client: a ``Federation`` simulates all of them in this process."""
+        return list(range(self.num_clients))
 
-        A new cluster's server adapter starts as a copy of the server adapter its first member used so far, so no
-        training is lost. Call :meth:`rebuild_optimizers` afterwards when a Trainer is running.
+    def cluster_of(self, client: int) -> int:
+        return self.roster.cluster_ids[client]
+
+    def participants(self) -> list[int]:
+        """Clients that trained in the current round so far."""
+        return sorted(self._participants)
+
+    def client_batches(self, client: int, num_batches: int, seed: int) -> list[dict]:
+        """``num_batches`` training batches of ``client`` from the datamodule (seeded choice), on this device."""
+        batches = sample_client_batches(self.trainer.datamodule, client, num_batches, seed)  # type: ignore[attr-defined]
+        return [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+    def task_signal(self, client: int, batches: list[dict], kind: SignalKind = "grad_B") -> dict[str, torch.Tensor]:
+        """``client``'s gradient (``grad_B``) or one-step ``update`` signal on ``batches`` (see ``split.signal``)."""
+        return task_signal(self.clients[client], batches, kind)
+
+    def assign_clusters(self, cluster_ids: Sequence[int]) -> None:
+        """Assign clients to clusters; shared adapters of a new cluster start from its first member's (no loss).
 
         Raises:
             ValueError: Wrong length or a negative id.
         """
-        ids = [int(c) for c in cluster_ids]
-        if len(ids) != self.num_clients or min(ids) < 0:
-            raise ValueError(
-                f"`cluster_ids` needs {self.num_clients} ids >= 0 (one per client), got {cluster_ids!r}; "
-                "clients left out of clustering must still be assigned a cluster"
-            )
-        previous = [c.server_adapter for c in self.clients]
-        previous_client = [c.client_adapter for c in self.clients]
-        self.cluster_ids = ids
-        backbone = self.backbone
-        for idx, client in enumerate(self.clients):
-            name = self.server_adapter_name(idx)
-            if name not in backbone.server_adapters:
-                backbone.add_server_adapter(name)
-                backbone.load_adapter_state(name, backbone.adapter_state(previous[idx]))
-            client.server_adapter = name
-            name = self.client_adapter_name(idx)  # changes only when centralized: one pooled adapter per cluster
-            if name not in backbone.client_adapters:
-                old = previous_client[idx]
-                pattern, cut = dict(backbone.bank.ranks[old]), backbone.cut_of(old)
-                backbone.add_client_adapter(name, rank_pattern=pattern, cut_layer=cut)
-                backbone.load_adapter_state(name, backbone.adapter_state(old))
-            client.client_adapter = name
+        self.roster.assign(cluster_ids)
+        self._sync_clients()
 
-    def set_client_ranks(self, rank_patterns: list[dict[str, int]], cut_layers: list[int] | None = None) -> None:
-        """Give each client adapter its own per-module ranks (phase 2) and, optionally, its own cut layer.
-
-        A client's cut must be in ``[model.cut_layer, num_layers - 1]`` (the server adapters start at
-        ``model.cut_layer``). Resized adapters restart from ``B = 0`` and keep the update scaling
-        ``lora_alpha / lora_rank``. Call :meth:`rebuild_optimizers` afterwards when a Trainer is running.
+    def client_modules(self, client: int, cut_layer: int | None = None) -> list[str]:
+        """Modules a client adapter of ``client`` covers when it cuts at ``cut_layer`` (default: its cut).
 
         Raises:
-            ValueError: Not one pattern (and cut) per client, or a cut outside the allowed range.
+            ValueError: A cut outside ``[model.cut_layer, num_layers - 1]``.
         """
-        cuts = cut_layers if cut_layers is not None else [self.backbone.cut_of(c.client_adapter) for c in self.clients]
-        if len(rank_patterns) != self.num_clients or len(cuts) != self.num_clients:
-            raise ValueError(
-                f"`rank_patterns` and `cut_layers` need one entry per client ({self.num_clients}), got "
-                f"{len(rank_patterns)} and {len(cuts)}"
-            )
-        for client, pattern, cut in zip(self.clients, rank_patterns, cuts):
-            self.resize_adapter(client.client_adapter, pattern, cut)
+        if cut_layer is None:
+            return self.backbone.client_module_names(self.backbone.cut_of(self.clients[client].client_adapter))
+        self.backbone.validate_client_cut(cut_layer)
+        return self.backbone.client_module_names(cut_layer)
 
-    def resize_adapter(self, name: str, rank_pattern: dict[str, int], cut_layer: int | None = None) -> None:
-        """Re-create adapter ``name`` with ``rank_pattern`` (and a client's ``cut_layer``) unless already so."""
-        bank, backbone = self.backbone.bank, self.backbone
-        if cut_layer is not None and cut_layer != backbone.cut_of(name):
-            backbone.validate_client_cut(cut_layer)
-            bank.delete(name)
-            backbone.add_client_adapter(name, rank_pattern=dict(rank_pattern), cut_layer=cut_layer)
-            return
-        if {m: bank.ranks[name].get(m) for m in rank_pattern} == dict(rank_pattern):
-            return
-        lora = self.backbone.lora
-        bank.resize(name, dict(rank_pattern), lora.alpha / lora.rank, lora.dropout)
+    def client_sizing(self) -> ClientSizing:
+        dm: Any = self.trainer.datamodule  # type: ignore[attr-defined]
+        return ClientSizing(
+            model_config=self.backbone.model.config,
+            batch_size=int(dm.batch_size),
+            seq_len=int(dm.max_length),
+            target_modules=tuple(self.backbone.targets),
+            cut_layer=self.backbone.cut_layer,
+            dtype=str(next(self.backbone.model.parameters()).dtype).replace("torch.", ""),
+            device="cuda" if self.device.type == "cuda" else "cpu",
+            local_steps=int(getattr(dm, "local_steps", 1)),
+        )
 
-    def rebuild_optimizers(self) -> None:
-        """Recreate the optimizers after phase callbacks changed adapters or clusters (fresh optimizer state)."""
-        if self._trainer is not None:
-            self.trainer.strategy.setup_optimizers(self.trainer)
+    def resize(self, client: int, rank_pattern: dict[str, int], cut_layer: int | None = None) -> None:
+        """Re-create ``client``'s client adapter with per-module ranks and, optionally, its own cut layer.
 
-    def client_signal(
-        self, client_idx: int, batches: list[dict], kind: Literal["grad_B", "update"] = "update"
-    ) -> dict[str, torch.Tensor]:
-        """A task signal of one client, computed without changing its adapters (phase 1).
-
-        ``grad_B``: the gradient of the client and server LoRA ``B`` factors summed over ``batches`` (``∇_A`` is zero
-        while ``B = 0``). ``update``: the change of every LoRA factor after one split step per batch with a fresh
-        AdamW (the adapters are restored afterwards). Every step crosses the cut and is counted by the channel.
-
-        Returns:
-            ``{"client.<module>.lora_B": tensor, "server.<module>.lora_B": ...}`` (flattened).
+        A client's cut must be in ``[model.cut_layer, num_layers - 1]`` (the server adapters start at
+        ``model.cut_layer``). Resized adapters restart from ``B = 0`` and keep the scaling ``lora_alpha / lora_rank``.
         """
-        client = self.clients[client_idx]
-        sides = {"client": client.client_adapter, "server": client.server_adapter}
-        saved = {n: self.backbone.adapter_state(n) for n in sides.values()}
-        opts = (client.client_optimizer(), client.server_optimizer())
-        with torch.enable_grad():
-            for batch in batches:
-                if kind == "update":
-                    client.run_split_step(batch, opts)
-                else:
-                    split_forward_backward(
-                        self.backbone, self.channel, batch, sides["client"], sides["server"], client_idx=client_idx
-                    )
-        signal: dict[str, torch.Tensor] = {}
-        for side, name in sides.items():
-            for module, (a, b, _) in self.backbone.bank.factors(name).items():
-                if kind == "update":
-                    signal[f"{side}.{module}.lora_A"] = (a.detach() - saved[name][f"{module}.lora_A"]).flatten()
-                    signal[f"{side}.{module}.lora_B"] = (b.detach() - saved[name][f"{module}.lora_B"]).flatten()
-                elif b.grad is not None:
-                    signal[f"{side}.{module}.lora_B"] = b.grad.detach().flatten().clone()
-            for param in self.backbone.server_parameters(name):  # its LoRA factors (and task heads)
-                param.grad = None
-            self.backbone.load_adapter_state(name, saved[name])
-        return signal
+        self.roster.resize(self.clients[client].client_adapter, rank_pattern, cut_layer)
 
+    def adapter_sides(self) -> tuple[Side, ...]:
+        return self.roster.aggregated_sides()
+
+    def adapter_layout(self, client: int, side: Side) -> AdapterLayout:
+        return self.roster.layout(client, side)
+
+    def pull(self, client: int, side: Side) -> AdapterUpdate:
+        """What ``client`` sends at aggregation (counted on the channel)."""
+        update = self.roster.pull(client, side, self.num_examples[client], self.client_task_ids[client])
+        self.channel.send_adapters(update.nbytes, 0, client_idx=client)
+        return update
+
+    def push(self, client: int, side: Side, update: AdapterUpdate) -> None:
+        """Load what ``client`` receives at aggregation (counted on the channel)."""
+        self.roster.push(client, side, update)
+        self.channel.send_adapters(0, self.backbone.bank.nbytes(self.roster.adapter(client, side)), client_idx=client)
+
+    def _sync_clients(self) -> None:
+        for idx, client in enumerate(self.clients):
+            client.client_adapter = self.roster.adapter(idx, "client")
+            client.server_adapter = self.roster.adapter(idx, "server")
+
+    @override
     def setup(self, stage: str) -> None:
         if self._trainer is not None and self.trainer.world_size > 1:
             raise ValueError(
@@ -333,6 +285,7 @@ class Federation(L.LightningModule):
         ).to(self.device)
         self.task_names = [t.name for t in tasks]
 
+    @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One optimizer per distinct client adapter, then one per server adapter (see :meth:`optimizer_index`)."""
         clients: dict[str, SplitClient] = {}
@@ -350,12 +303,15 @@ class Federation(L.LightningModule):
         return self._client_opt_index[client.client_adapter], self._server_opt_index[client.server_adapter]
 
     # ------------------------------------------------------------------------------------------ training
+    @override
     def on_train_epoch_start(self) -> None:
         self._participants = set()
+        self.roster.end_aggregation()
         self.train_loss.reset()
         self._round_start_bytes = (self.channel.stats.bytes_up, self.channel.stats.bytes_down)
         self._round_start_time = time.perf_counter()
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
         idx = int(batch["client_idx"])
         opts = cast(list, self.optimizers())
@@ -365,20 +321,15 @@ class Federation(L.LightningModule):
         self._participants.add(idx)
         self.log("train_loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At the round's last batch (after ``ClusterAggregation``, whose hook runs first), log the round."""
         if is_round_end(self.trainer, batch_idx):
             self.end_round()
 
-    @property
-    def participants(self) -> list[int]:
-        """Clients that trained in the current round so far."""
-        return sorted(self._participants)
-
     def end_round(self) -> None:
-        """Aggregate the round's adapters (unless a phase callback owns aggregation) and log the round."""
-        participants = sorted(self._participants)
-        if self.aggregation not in ("none", "centralized") and participants and not self.external_aggregation:
-            self.aggregate(participants)
+        """Log the round: traffic (aggregation included), participants, time and train loss per client/cluster/task."""
+        participants = self.participants()
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats
         metrics = {
@@ -397,29 +348,6 @@ class Federation(L.LightningModule):
         metrics["train_loss/round"] = self.train_loss.overall()
         self.log_round(metrics)
 
-    @torch.no_grad()
-    def aggregate(self, participants: list[int]) -> None:
-        """Aggregate the round's adapters within each cluster with ``self.aggregation`` and send them to all members.
-
-        The same code path as the ``ClusterAggregation`` callback (which takes over when it is attached).
-        """
-        from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
-
-        ClusterAggregation(cast(Any, self.aggregation)).aggregate_federation(self)
-
-    def aggregate_heads(self, active: list[int], members: list[int]) -> None:
-        """Per task: average the task head over the active clients holding that task; send it to the members."""
-        for task in sorted({self.client_task_ids[i] for i in active}):
-            holders = [i for i in active if self.client_task_ids[i] == task]
-            states = [self.backbone.head_state(self.clients[i].server_adapter, task) for i in holders]
-            if not states[0]:
-                return  # causal LM: no heads
-            merged = fedavg(states, [self.num_examples[i] for i in holders])
-            for i in members:
-                self.backbone.load_adapter_state(
-                    self.clients[i].server_adapter, {f"head.task{task}.{k}": v for k, v in merged.items()}
-                )
-
     def log_round(self, metrics: dict[str, float]) -> None:
         """Log per-round metrics: to callbacks (``callback_metrics``) and to the loggers with ``step = round``."""
         self.log_dict(metrics, logger=False, batch_size=1)
@@ -427,15 +355,19 @@ class Federation(L.LightningModule):
             logger.log_metrics(metrics, step=self.current_epoch)
 
     # ------------------------------------------------------------------------------------------ evaluation
+    @override
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluator.update(self.clients[int(batch["client_idx"])], batch)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
+    @override
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
 
@@ -451,6 +383,7 @@ class Federation(L.LightningModule):
         grouped = metric.grouped(self.client_task_ids) if names else {}
         return {f"task_{names[t]}": v for t, v in grouped.items() if t < len(names)}
 
+    @override
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
@@ -468,12 +401,15 @@ class Federation(L.LightningModule):
             }
         )
 
+    @override
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.evaluation_metrics("test"), batch_size=1)
 
+    @override
     def on_predict_epoch_start(self) -> None:
         self._predicted = [0] * self.num_clients
 
+    @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         """Per-example records of one client's batch, scored as in test (:meth:`FederatedEvaluator.predict`).
 
@@ -491,31 +427,23 @@ class Federation(L.LightningModule):
     def trainable_keys(self) -> set[str]:
         return {k for k, _ in self.named_parameters() if "lora_" in k or k.startswith("backbone.heads.")}
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["federation"] = {
-            "cluster_ids": list(self.cluster_ids),
+            **self.roster.state_dict(),
             "num_examples": list(self.num_examples),
             "history": self.history,
             "channel": self.channel.stats.state_dict(),
-            "adapter_ranks": {n: dict(r) for n, r in self.backbone.bank.ranks.items()},
-            "client_cuts": dict(self.backbone.client_cuts),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": _numpy_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("federation", {})
-        self.set_clusters(list(state.get("cluster_ids", self.cluster_ids)))  # creates per-cluster server adapters
-        cuts = {str(k): int(v) for k, v in state.get("client_cuts", {}).items()}
-        for name, ranks in state.get("adapter_ranks", {}).items():  # ranks and cuts chosen by phase 2
-            if name in self.backbone.bank.ranks:
-                self.resize_adapter(name, {m: int(r) for m, r in ranks.items()}, cuts.get(name))
+        self.roster.load_state_dict(state)  # clusters (and their shared adapters), ranks and cuts of phases 1-2
+        self._sync_clients()
         missing = sorted(self.trainable_keys() - set(checkpoint.get("state_dict", {})))
         if missing:
             raise ValueError(
@@ -525,11 +453,5 @@ class Federation(L.LightningModule):
         self.num_examples = list(state.get("num_examples", self.num_examples))
         self.history = list(state.get("history", []))
         self.channel.stats.load_state_dict(state.get("channel", {}))
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(rng["python"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if state.get("rng"):
+            set_rng_state(state["rng"])

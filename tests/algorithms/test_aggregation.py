@@ -7,14 +7,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from atlas_pl.algorithms.aggregation import (
-    AggregationReport,
-    aggregate_lora,
-    dense_svd_merge,
-    merge_lora,
-    merge_lora_states,
-    normalize_weights,
-)
+from atlas_pl.algorithms.aggregation import AggregationReport, aggregate_lora, merge_lora_states
+from atlas_pl.algorithms.merge import dense_svd_merge, merge_lora, normalize_weights
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -271,7 +265,7 @@ def test_fedavg_method_averages_a_and_b_separately() -> None:
 def test_fedavg_method_rejects_heterogeneous_ranks() -> None:
     factors = make_factors(4, 3, [1, 2], [1.0, 1.0])
 
-    with pytest.raises(ValueError, match=r"method 'fedavg' needs one rank.*\[1, 2\].*method='exact'"):
+    with pytest.raises(ValueError, match=r"FedAvg needs one rank.*\[1, 2\].*use Exact"):
         aggregate_lora(as_states(factors), [1, 1], [1.0, 1.0], method="fedavg")
 
 
@@ -354,7 +348,7 @@ def test_weights_length_mismatch_is_rejected_naming_both_lengths() -> None:
 def test_unknown_method_is_rejected_listing_the_choices() -> None:
     factors = make_factors(4, 3, [1], [1.0])
 
-    with pytest.raises(ValueError, match=r"`method` must be one of .*'exact'.*got 'svd'"):
+    with pytest.raises(ValueError, match=r"`method` must be an AggregationMethod or one of .*'exact'.*got 'svd'"):
         aggregate_lora(as_states(factors), [1], [1.0], method="svd")  # type: ignore[arg-type]
 
 

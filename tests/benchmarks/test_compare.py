@@ -39,7 +39,9 @@ def test_every_method_runs_the_same_base_config_and_seed_with_its_own_settings()
     assert _callback(runs["atlas_random"], "TaskClustering")["init_args"] == {"num_clusters": 4, "assign": "random"}
     assert _callback(runs["atlas_uniform"], "RankAllocation")["init_args"]["pattern"] == "uniform"
     assert _callback(runs["atlas"], "RankAllocation")["init_args"]["pattern"] == "importance"
-    assert runs["atlas_zero_pad"]["cmd"][-2:] == ["--model.aggregation", "zero_pad"]
+    zero_pad = _callback(runs["atlas_zero_pad"], "ClusterAggregation")["init_args"]["method"]
+    assert zero_pad == {"class_path": "atlas_pl.algorithms.ZeroPad"}
+    assert _callback(runs["atlas"], "ClusterAggregation")["init_args"]["method"]["class_path"].endswith(".Exact")
     assert _callback(runs["centralized_task"], "TaskClustering")["init_args"] == {"assign": "true_task"}
 
 

@@ -1,4 +1,4 @@
-"""ClusterAggregation: per-cluster merge in a Federation, and the reusable DDP mode in a plain Lightning module."""
+"""ClusterAggregation in a Federation, checked by value against hand-computed merges; protocol and argument checks."""
 
 import warnings
 
@@ -10,144 +10,134 @@ from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from atlas_pl import PeftClientMixin
+from atlas_pl.algorithms import FedAvg
 from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
-from atlas_pl.strategies import ClientParallelStrategy
+from atlas_pl.protocol import FederationProtocolError
 from tests.conftest import tiny_data_kwargs, tiny_federation_kwargs
 
 
-def _products(fed: Federation, name: str) -> dict[str, torch.Tensor]:
-    return {m: s * b @ a for m, (a, b, s) in fed.backbone.bank.factors(name).items()}
+class BeforeAggregation(Callback):
+    """Keeps every client's factors at the round's last batch, before ClusterAggregation (later in the list) runs."""
+
+    def __init__(self) -> None:
+        self.factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            bank = pl_module.backbone.bank
+            for i, client in enumerate(pl_module.clients):
+                factors = bank.factors(client.client_adapter).items()
+                self.factors[i] = {m: (a.detach().clone(), b.detach().clone(), s) for m, (a, b, s) in factors}
 
 
-def test_clusters_are_aggregated_separately_and_members_share_the_merge(fast_trainer_kwargs, seeded) -> None:
-    fed = Federation(**tiny_federation_kwargs())
-    fed.set_clusters([0, 0, 1, 1])
+def _fit(callbacks, fast_trainer_kwargs, clusters=(0, 0, 1, 1), **federation) -> Federation:
+    fed = Federation(**tiny_federation_kwargs(**federation))
+    fed.assign_clusters(list(clusters))
     dm = FederatedDataModule(**tiny_data_kwargs())
-    trainer = L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("exact")], **fast_trainer_kwargs)
-    trainer.fit(fed, datamodule=dm)
+    L.Trainer(max_epochs=1, callbacks=callbacks, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    return fed
 
-    p = [_products(fed, f"client_{i}") for i in range(4)]
-    for module in p[0]:
-        torch.testing.assert_close(p[0][module], p[1][module])
-        torch.testing.assert_close(p[2][module], p[3][module])
-        assert not torch.allclose(p[0][module], p[2][module])
-    assert "aggregation/client_update_norm/cluster_1" in trainer.callback_metrics
+
+def _best_rank(matrix: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vh = np.linalg.svd(matrix)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_members_receive_the_best_rank_r_of_the_hand_weighted_sum_of_their_clusters_updates(
+    fast_trainer_kwargs, seeded
+) -> None:
+    probe = BeforeAggregation()
+    fed = _fit([probe, ClusterAggregation("exact")], fast_trainer_kwargs)
+    weights = np.array(fed.num_examples, dtype=np.float64)
+    for members in ([0, 1], [2, 3]):
+        p = weights[members] / weights[members].sum()
+        for module in probe.factors[0]:
+            hand = 0.0  # Σ p_i s_i B_i A_i of the cluster, formed densely
+            for k, i in enumerate(members):
+                a, b, s = probe.factors[i][module]
+                hand = hand + p[k] * s * (b.double() @ a.double()).numpy()
+            for i in members:
+                a, b, s = fed.backbone.bank.factors(fed.clients[i].client_adapter)[module]
+                after = s * (b.detach().double() @ a.detach().double()).numpy()
+                np.testing.assert_allclose(after, _best_rank(hand, a.shape[0]), rtol=1e-4, atol=1e-6)
     assert fed.channel.stats.adapters_up > 0
 
 
-def test_fedavg_method_matches_the_federations_builtin_fedavg(fast_trainer_kwargs) -> None:
-    results = []
-    for callbacks in ([], [ClusterAggregation("fedavg")]):
-        L.seed_everything(0, verbose=False)
-        fed = Federation(**tiny_federation_kwargs())
-        L.Trainer(max_epochs=1, callbacks=callbacks, **fast_trainer_kwargs).fit(
-            fed, datamodule=FederatedDataModule(**tiny_data_kwargs())
-        )
-        results.append(fed.backbone.bank.state("client_0"))
-    for key in results[0]:
-        torch.testing.assert_close(results[1][key], results[0][key])
+def test_fedavg_gives_every_member_the_hand_weighted_mean_of_a_and_b(fast_trainer_kwargs, seeded) -> None:
+    probe = BeforeAggregation()
+    fed = _fit([probe, ClusterAggregation(FedAvg())], fast_trainer_kwargs, clusters=(0, 0, 0, 0))
+    p = np.array(fed.num_examples, dtype=np.float64) / sum(fed.num_examples)
+    for module in probe.factors[0]:
+        mean_a = sum(p[i] * probe.factors[i][module][0].double().numpy() for i in range(4))
+        mean_b = sum(p[i] * probe.factors[i][module][1].double().numpy() for i in range(4))
+        for i in range(4):
+            a, b, _ = fed.backbone.bank.factors(fed.clients[i].client_adapter)[module]
+            np.testing.assert_allclose(a.detach().double().numpy(), mean_a, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(b.detach().double().numpy(), mean_b, rtol=1e-5, atol=1e-7)
+
+
+def test_aggregation_is_logged_per_cluster(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs())
+    fed.assign_clusters([0, 0, 1, 1])
+    trainer = L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("exact")], **fast_trainer_kwargs)
+    trainer.fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
+    assert {"aggregation/client_update_norm/cluster_0", "aggregation/client_bytes/cluster_1"} <= set(
+        trainer.callback_metrics
+    )
 
 
 def test_flora_with_several_clusters_is_refused(fast_trainer_kwargs, seeded) -> None:
-    fed = Federation(**tiny_federation_kwargs())
-    fed.set_clusters([0, 0, 1, 1])
-    trainer = L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("flora")], **fast_trainer_kwargs)
-    with pytest.raises(ValueError, match="flora"):
-        trainer.fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
+    with pytest.raises(ValueError, match="FLoRA merges into the frozen base weights"):
+        _fit([ClusterAggregation("flora")], fast_trainer_kwargs)
 
 
 def test_constructor_rejects_unknown_methods_and_bad_periods() -> None:
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="`method` must be an AggregationMethod or one of"):
         ClusterAggregation("median")
     with pytest.raises(ValueError, match="every_n_rounds"):
         ClusterAggregation(every_n_rounds=0)
 
 
-# ------------------------------------------------------------------------------------------ DDP, one client per rank
-class PeftRegressor(L.LightningModule):
-    """A plain Lightning module with a peft LoRA model; the LoRA rank depends on the process rank."""
+class PlainModule(L.LightningModule):
+    """A foreign module that implements no federation method."""
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.out_dir = out_dir
-        self.model: nn.Module | None = None
-
-    def setup(self, stage: str) -> None:
-        torch.manual_seed(0)
-        base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-        rank = 2 if self.global_rank == 0 else 8  # heterogeneous ranks across processes
-        self.model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]))
-        self.num_examples = 1 + self.global_rank  # weights 1/3 and 2/3
-        torch.manual_seed(100 + self.global_rank)
-        for name, p in self.model.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(p, std=0.5)
+        self.layer = nn.Linear(4, 1)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.model(x), y)
+        return self.layer(batch[0]).pow(2).mean()
 
     def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)  # adapters stay put
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
-        data = torch.utils.data.TensorDataset(torch.randn(4, 8), torch.randn(4, 1))
-        return torch.utils.data.DataLoader(data, batch_size=2)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 4)), batch_size=2)
 
 
-class Snapshot(Callback):
-    """Saves this process's adapter before and after aggregation."""
-
-    def __init__(self, when: str) -> None:
-        self.when = when
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        layer = pl_module.model.base_model.model[0]
-        a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
-        torch.save(
-            {"delta": (s * b @ a).detach(), "rank": a.shape[0]},
-            f"{pl_module.out_dir}/{self.when}_{trainer.global_rank}.pt",
-        )
+def test_a_module_without_the_protocol_fails_before_training_naming_every_missing_method(fast_trainer_kwargs) -> None:
+    trainer = L.Trainer(max_epochs=1, callbacks=[ClusterAggregation()], **fast_trainer_kwargs)
+    with pytest.raises(FederationProtocolError) as info:
+        trainer.fit(PlainModule())
+    message = str(info.value)
+    assert message.startswith("ClusterAggregation needs PlainModule to implement the federation protocol")
+    for method in ("local_clients", "cluster_of", "participants", "adapter_sides", "adapter_layout", "pull", "push"):
+        assert method in message
+    assert "PeftClientMixin" in message and "README" in message
+    assert trainer.global_step == 0
 
 
-def test_reusable_callback_merges_heterogeneous_ranks_across_two_gloo_processes(tmp_path) -> None:
-    module = PeftRegressor(str(tmp_path))
-    strategy = ClientParallelStrategy(start_method="spawn")
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[Snapshot("before"), ClusterAggregation("exact"), Snapshot("after")],
-    )
-    trainer.fit(module)
-
-    before = [torch.load(tmp_path / f"before_{r}.pt") for r in (0, 1)]
-    after = [torch.load(tmp_path / f"after_{r}.pt") for r in (0, 1)]
-    merged = (1 / 3) * before[0]["delta"] + (2 / 3) * before[1]["delta"]
-    assert [b["rank"] for b in before] == [2, 8]
-    torch.testing.assert_close(after[1]["delta"], merged, rtol=1e-5, atol=1e-5)  # rank 8 >= rank of the merge
-    _, s, _ = torch.linalg.svd(merged)
-    best_rank2 = torch.sqrt((s[2:] ** 2).sum()) / torch.linalg.norm(s)
-    error = torch.linalg.norm(after[0]["delta"] - merged) / torch.linalg.norm(merged)
-    assert error.item() == pytest.approx(best_rank2.item(), rel=1e-4)  # the best rank-2 approximation
-
-
-# ------------------------------------------------------------------------ DDP mode: the module's client attributes
-class BareLoraModule(L.LightningModule):
+# ------------------------------------------------------------------- PeftClientMixin: the client's own attributes
+class BareLoraModule(PeftClientMixin, L.LightningModule):
     """A foreign module with one peft LoRA layer and only the client attributes it is given."""
 
     def __init__(self, **client_attributes) -> None:
         super().__init__()
         torch.manual_seed(0)
-        base = nn.Sequential(nn.Linear(4, 4))
-        self.model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+        self.model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
         for name, value in client_attributes.items():
             setattr(self, name, value)
 
@@ -163,10 +153,6 @@ class BareLoraModule(L.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=2)
 
 
-def _ours(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught if str(w.message).startswith("ClusterAggregation:")]
-
-
 def test_module_without_client_attributes_warns_once_per_attribute_and_uses_the_defaults(fast_trainer_kwargs) -> None:
     callback = ClusterAggregation("exact")
     module = BareLoraModule()
@@ -174,7 +160,7 @@ def test_module_without_client_attributes_warns_once_per_attribute_and_uses_the_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module)  # checks at fit start, then aggregates twice
-    messages = _ours(caught)
+    messages = [str(w.message) for w in caught if "BareLoraModule has no" in str(w.message)]
     assert len(messages) == 2, messages
     assert (
         "BareLoraModule has no `num_examples` attribute; using num_examples=1 (this client's aggregation weight; "
@@ -196,7 +182,7 @@ def test_module_without_client_attributes_warns_once_per_attribute_and_uses_the_
 def test_module_with_client_attributes_gets_its_values_and_no_warning(attributes, record) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ClusterAggregation().client_record(BareLoraModule(**attributes)) == record
+        assert BareLoraModule(**attributes).client_record() == record
 
 
 @pytest.mark.parametrize(
@@ -215,3 +201,4 @@ def test_bad_client_attribute_values_are_rejected_at_fit_start(fast_trainer_kwar
     with pytest.raises(ValueError, match="fix: set it") as info:
         trainer.fit(BareLoraModule(**{"cluster_id": 0, **attributes}))
     assert needle in str(info.value)
+    assert trainer.global_step == 0

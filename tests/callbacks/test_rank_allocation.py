@@ -6,9 +6,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy.stats import spearmanr
 
+from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
 from atlas_pl.callbacks.rank_allocation import RankAllocation
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
+from atlas_pl.protocol import ClientSizing
 from tests.conftest import phase_trainer
 
 SHAPE = {"n_layer": 4, "n_embd": 64, "n_head": 2, "initializer_range": 0.1}
@@ -25,7 +27,6 @@ def _setup(num_clients: int = 4, cut_layer: int = 2):
         cut_layer=cut_layer,
         lora_rank=8,
         learning_rate=3e-3,
-        aggregation="exact",
     )
     dm = FederatedDataModule(
         num_clients=num_clients,
@@ -41,9 +42,15 @@ def _setup(num_clients: int = 4, cut_layer: int = 2):
 
 
 
+def _sizing(fed, dm) -> ClientSizing:
+    """What ``Federation.client_sizing`` reports during fit (it reads the Trainer's datamodule)."""
+    return ClientSizing(fed.backbone.model.config, dm.batch_size, dm.max_length, tuple(fed.backbone.targets),
+                        fed.backbone.cut_layer)  # fmt: skip
+
+
 def _budgets(fed, dm, extra_mib: list[float]) -> list[int]:
     dm.setup()
-    estimate = RankAllocation.estimate_fn(fed, dm)
+    estimate = RankAllocation.estimate_fn(_sizing(fed, dm))
     modules = list(fed.backbone.bank.ranks["client_0"])
     floor = estimate(None, dict.fromkeys(modules, 1)).total
     return [int(floor + x * 2**20) for x in extra_mib]
@@ -51,7 +58,7 @@ def _budgets(fed, dm, extra_mib: list[float]) -> list[int]:
 
 def test_estimates_fit_budgets_ranks_grow_with_budget_and_patterns_agree(tmp_path) -> None:
     fed, dm = _setup()
-    fed.set_clusters([0, 0, 0, 0])
+    fed.assign_clusters([0, 0, 0, 0])
     budgets = _budgets(fed, dm, [0.05, 0.3, 1.0, 3.0])
     allocation = RankAllocation(budgets=budgets, r_min=1, r_max=16)
     phase_trainer(tmp_path, [allocation]).fit(fed, datamodule=dm)
@@ -130,12 +137,12 @@ def test_shared_weakest_ranks_fit_everyone_and_strongest_ranks_exceed_small_budg
 def test_cut_layers_follow_budgets_train_merge_and_survive_a_resume(tmp_path) -> None:
     fed, dm = _setup(cut_layer=1)
     dm.setup()
-    estimate = RankAllocation.estimate_fn(fed, dm, fixed_cut=False)
+    estimate = RankAllocation.estimate_fn(_sizing(fed, dm), fixed_cut=False)
     need = {cut: estimate(cut, dict.fromkeys(fed.backbone.client_module_names(cut), 2)).total for cut in (1, 2, 3)}
     budgets = [need[1] + 1000, need[3] + 2**22, need[2] + 1000, need[3] + 2**22]
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     allocation = RankAllocation(budgets=budgets, r_min=2, r_max=8, cut_layers=[1, 2, 3])
-    phase_trainer(tmp_path, [allocation, ckpt], max_epochs=1).fit(fed, datamodule=dm)
+    phase_trainer(tmp_path, [allocation, ClusterAggregation("exact"), ckpt], max_epochs=1).fit(fed, datamodule=dm)
 
     cuts = [a["cut_layer"] for a in allocation.allocations]
     assert cuts[0] == 1 and cuts[1] == cuts[3] == 3  # the weakest keeps one block, the strongest three

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from atlas_pl.callbacks import RoundCheckpoint
+from atlas_pl.callbacks import ClusterAggregation, RoundCheckpoint
 from atlas_pl.client import SplitClient
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
@@ -34,7 +34,7 @@ def test_fedavg_round_leaves_all_clients_with_equal_adapters(fast_trainer_kwargs
     fed = Federation(**tiny_federation_kwargs())
     dm = FederatedDataModule(**tiny_data_kwargs())
     before = _adapters(fed)
-    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("fedavg")], **fast_trainer_kwargs).fit(fed, datamodule=dm)
     states = [fed.backbone.bank.state(f"client_{i}") for i in range(4)]
     for state in states[1:]:
         for key, value in state.items():
@@ -43,8 +43,8 @@ def test_fedavg_round_leaves_all_clients_with_equal_adapters(fast_trainer_kwargs
     assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no adapter"
 
 
-def test_local_only_aggregation_keeps_clients_apart(fast_trainer_kwargs, seeded) -> None:
-    fed = Federation(**tiny_federation_kwargs(aggregation="none"))
+def test_without_cluster_aggregation_clients_stay_apart(fast_trainer_kwargs, seeded) -> None:
+    fed = Federation(**tiny_federation_kwargs(share="none"))
     L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
     a, b = fed.backbone.bank.state("client_0"), fed.backbone.bank.state("client_1")
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -76,7 +76,7 @@ def test_training_loss_falls_by_nats_when_a_client_fits_its_own_examples(fast_tr
 def test_channel_counts_activation_and_gradient_bytes(fast_trainer_kwargs, seeded) -> None:
     fed = Federation(**tiny_federation_kwargs())
     dm = FederatedDataModule(**tiny_data_kwargs())
-    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("fedavg")], **fast_trainer_kwargs).fit(fed, datamodule=dm)
     stats = fed.channel.stats
     # every step sends one fp32 activation [batch, seq, 32] up and its gradient down
     assert stats.activations_up == stats.gradients_down > 0
@@ -118,7 +118,8 @@ def _fit(tmp_path, max_epochs: int, ckpt_path=None) -> Federation:
     ckpt = RoundCheckpoint(dirpath=str(tmp_path / "ckpt"))
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        callbacks=[ckpt, KeepEachRoundsCheckpoint(tmp_path / "ckpt")], plugins=[AtomicCheckpointIO()],
+                        callbacks=[ClusterAggregation("exact"), ckpt, KeepEachRoundsCheckpoint(tmp_path / "ckpt")],
+                        plugins=[AtomicCheckpointIO()],
                         default_root_dir=tmp_path)
     trainer.fit(fed, datamodule=dm, ckpt_path=ckpt_path)
     return fed
@@ -151,9 +152,9 @@ def test_resume_from_a_checkpoint_written_mid_run_matches_an_uninterrupted_run(t
 def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_trainer_kwargs, seeded) -> None:
     fed = Federation(**tiny_federation_kwargs(
         model="bert-tiny", model_overrides={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64},
-        task_format="classification", num_labels=4, server_adapters="per_client"))
+        task_format="classification", num_labels=4, share="none"))
     dm = FederatedDataModule(**tiny_data_kwargs(task_format="classification"))
-    L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=dm)
+    L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("fedavg")], **fast_trainer_kwargs).fit(fed, datamodule=dm)
     states = [fed.backbone.adapter_state(f"server_{i}") for i in range(4)]
     assert any(k.startswith("head.") for k in states[0])
     for state in states[1:]:
@@ -163,7 +164,7 @@ def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_
 
 
 def test_centralized_training_shares_one_adapter_pair_across_all_clients(fast_trainer_kwargs, seeded) -> None:
-    fed = Federation(**tiny_federation_kwargs(aggregation="centralized", server_adapters="per_client"))
+    fed = Federation(**tiny_federation_kwargs(share="all"))
     before = fed.backbone.bank.state("client_c0")
     trainer = L.Trainer(max_epochs=1, **fast_trainer_kwargs)
     trainer.fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
@@ -178,9 +179,9 @@ def test_centralized_training_shares_one_adapter_pair_across_all_clients(fast_tr
 def test_centralized_with_clusters_pools_each_clusters_data_into_its_own_adapter_pair(
     fast_trainer_kwargs, seeded
 ) -> None:
-    fed = Federation(**tiny_federation_kwargs(aggregation="centralized", server_adapters="per_client"))
+    fed = Federation(**tiny_federation_kwargs(share="all"))
     start = fed.backbone.adapter_state("client_c0")
-    fed.set_clusters([0, 0, 1, 1])  # e.g. TaskClustering(assign="true_task"): one pooled model per task
+    fed.assign_clusters([0, 0, 1, 1])  # e.g. TaskClustering(assign="true_task"): one pooled model per task
     assert [c.client_adapter for c in fed.clients] == ["client_c0", "client_c0", "client_c1", "client_c1"]
     assert [c.server_adapter for c in fed.clients] == ["server_c0", "server_c0", "server_c1", "server_c1"]
     for key, value in fed.backbone.adapter_state("client_c1").items():  # a new cluster starts where it was

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from atlas_pl.algorithms.aggregation import fedavg
+from atlas_pl.algorithms.merge import fedavg
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone, split_model

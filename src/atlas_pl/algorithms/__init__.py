@@ -1,28 +1,40 @@
 """The pure core of ATLAS (torch / numpy / scikit-learn only, never Lightning): one module per phase."""
 
 from atlas_pl.algorithms.aggregation import (
+    METHODS,
+    AggregationMethod,
     AggregationReport,
-    FactoredUpdate,
+    DenseSVD,
+    Exact,
+    FedAvg,
+    FLoRA,
+    ZeroPad,
     aggregate_lora,
-    dense_svd_merge,
-    fedavg,
-    merge_lora,
+    aggregation_method,
     merge_lora_states,
-    normalize_weights,
 )
 from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
 from atlas_pl.algorithms.fingerprint import fingerprint_bytes, lora_gradients, project_gradients
 from atlas_pl.algorithms.importance import cluster_importance, module_importance, normalize_importance
+from atlas_pl.algorithms.merge import FactoredUpdate, dense_svd_merge, fedavg, merge_lora, normalize_weights
 from atlas_pl.algorithms.privacy import clip_to_norm, dp_epsilon, privatize
 from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, rank_pattern, scale_ranks
 
 __all__ = [
+    "AggregationMethod",
     "AggregationReport",
     "Allocation",
     "ClusterResult",
+    "DenseSVD",
+    "Exact",
+    "FLoRA",
     "FactoredUpdate",
+    "FedAvg",
+    "METHODS",
     "RankAllocator",
+    "ZeroPad",
     "aggregate_lora",
+    "aggregation_method",
     "clip_to_norm",
     "cluster_clients",
     "cluster_importance",

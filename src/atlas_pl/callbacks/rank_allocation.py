@@ -6,6 +6,10 @@ importances per cluster into a rank pattern ``π_c(m)``; each client gets ``r(m)
 r_max)`` with the largest ``λ`` whose estimated peak memory (``atlas_pl.memory``) fits its budget. The adapters are
 re-created at those ranks and the optimizers rebuilt; the ranks are checkpointed with the federation, so a resume
 restores them. ``pattern: uniform`` gives every module the same rank (HSplitLoRA: budget-fitted, not task-shaped).
+
+The module is seen only through the federation protocol (``atlas_pl.protocol.RankConfiguration``: ``local_clients``,
+``cluster_of``, ``client_batches``, ``task_signal``, ``client_modules``, ``client_sizing``, ``resize``). Under several
+processes the importances (and, for ``share``, the allocations) are gathered so every cluster pools all its clients.
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from atlas_pl.algorithms.importance import cluster_importance, module_importance
 from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, client_memory_fn
-from atlas_pl.callbacks.task_clustering import client_batches
+from atlas_pl.distributed import gather_objects
 from atlas_pl.io import atomic_write_json
 from atlas_pl.memory import DEVICE_PROFILES, ModelShape, estimate_latency, format_size, parse_size
+from atlas_pl.protocol import ClientSizing, RankConfiguration, require
 
 
 class RankAllocation(Callback):
     """Give each client the largest LoRA ranks its memory budget allows, shaped by its cluster's module importance.
+
+    Hooks: ``setup`` checks the protocol; ``on_fit_start`` allocates once, before the first step and after
+    ``TaskClustering`` (earlier in the callback list), then rebuilds the optimizers for the resized adapters.
 
     Args:
         budgets: Memory budget per client (``"1GB"``, ``"512MiB"``, bytes); a shorter list is repeated over the clients.
@@ -89,71 +98,83 @@ class RankAllocation(Callback):
         return [parse_size(values[i % len(values)]) for i in range(num_clients)]
 
     # ------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require(pl_module, RankConfiguration, "RankAllocation")
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.allocations:  # restored from a checkpoint: the federation restored the ranks already
+        if self.allocations:  # restored from a checkpoint: the module restored the ranks already
             return
         self.run(trainer, pl_module)
 
-    def run(self, trainer: L.Trainer, fed: Any) -> list[Allocation]:
-        """Importance → per-cluster patterns → budget-fitted ranks → resized adapters; returns the allocations."""
-        dm = trainer.datamodule  # type: ignore[attr-defined]
-        patterns = self.cluster_patterns(fed, dm)
-        for cut in self.cut_layers or []:
-            fed.backbone.validate_client_cut(cut)
-        estimate = self.estimate_fn(fed, dm, fixed_cut=self.cut_layers is None)
-        budgets = self.client_budgets(fed.num_clients)
-        allocations = []
-        for idx, (budget, cluster) in enumerate(zip(budgets, fed.cluster_ids)):
-            latency = self.latency_fn(fed, dm, idx) if self.cut_layers and self.profiles else None
+    def run(self, trainer: L.Trainer, module: Any) -> list[Allocation]:
+        """Importance → per-cluster patterns → budget-fitted ranks → resized adapters; returns every allocation."""
+        local = list(module.local_clients())
+        for cut in self.cut_layers or []:  # every candidate cut must exist, whichever one a client gets
+            module.client_modules(local[0], cut)
+        sizing: ClientSizing = module.client_sizing()
+        patterns, num_clients = self.cluster_patterns(module, local)
+        estimate = self.estimate_fn(sizing, fixed_cut=self.cut_layers is None)
+        budgets = self.client_budgets(num_clients)
+        mine = []
+        for idx in local:
+            latency = self.latency_fn(sizing, idx) if self.cut_layers and self.profiles else None
             allocator = RankAllocator(estimate, self.r_min, self.r_max, self.cut_layers, latency)
-            allocations.append(allocator.allocate(patterns[cluster], budget, idx))
+            mine.append(allocator.allocate(patterns[module.cluster_of(idx)], budgets[idx], idx))
+        allocations = sorted((a for part in gather_objects(mine) for a in part), key=lambda a: a.client)
         if self.share != "none":
             allocations = share_allocation(allocations, self.share)
-        cuts = [a.cut_layer or fed.backbone.cut_layer for a in allocations]
-        fed.set_client_ranks([a.rank_pattern for a in allocations], cuts)
-        fed.rebuild_optimizers()
+        for a in allocations:
+            if a.client in local:
+                module.resize(a.client, dict(a.rank_pattern), a.cut_layer)
+        trainer.strategy.setup_optimizers(trainer)  # the resized adapters are new parameters
         self.allocations = [a.as_dict() for a in allocations]
-        self.log_allocations(trainer, fed, allocations)
+        self.log_allocations(trainer, allocations)
         return allocations
 
-    def cluster_patterns(self, fed: Any, dm: Any) -> dict[int, dict[str, float]]:
-        """Module importance of the client-side modules, averaged per cluster (or uniform)."""
-        deepest = max(self.cut_layers or [fed.backbone.cut_layer])
-        modules = fed.backbone.client_module_names(deepest)
-        if self.pattern == "uniform":
-            return {c: dict.fromkeys(modules, 1.0) for c in set(fed.cluster_ids)}
-        per_client = []
-        for idx in range(fed.num_clients):
-            batches = client_batches(dm, idx, self.num_batches, self.seed, fed.device)
-            signal = fed.client_signal(idx, batches, "grad_B")  # client and server sides: every candidate module
+    def cluster_patterns(self, module: Any, local: list[int]) -> tuple[dict[int, dict[str, float]], int]:
+        """Module importance of the client-side modules averaged per cluster (or uniform), and the client count."""
+        deepest = max(self.cut_layers) if self.cut_layers else None
+        mine = {}
+        for idx in local:
+            modules = module.client_modules(idx, deepest)
+            if self.pattern == "uniform":
+                mine[idx] = (module.cluster_of(idx), dict.fromkeys(modules, 1.0))
+                continue
+            batches = module.client_batches(idx, self.num_batches, self.seed)
+            signal = module.task_signal(idx, batches, "grad_B")  # client and server sides: every candidate module
             grads = {k.split(".", 1)[1]: v for k, v in signal.items()}
-            per_client.append({m: v for m, v in module_importance(grads).items() if m in modules})
-        return cluster_importance(per_client, fed.cluster_ids)
+            mine[idx] = (module.cluster_of(idx), {m: v for m, v in module_importance(grads).items() if m in modules})
+        everyone = {c: row for part in gather_objects(mine) for c, row in part.items()}
+        ids = sorted(everyone)
+        if self.pattern == "uniform":
+            return {cluster: pattern for cluster, pattern in everyone.values()}, len(ids)
+        return cluster_importance([everyone[c][1] for c in ids], [everyone[c][0] for c in ids]), len(ids)
 
     @staticmethod
-    def estimate_fn(fed: Any, dm: Any, fixed_cut: bool = True) -> Any:
-        """Peak-memory estimate of a client of ``fed`` for a rank pattern, at the datamodule's batch and length."""
-        shape = ModelShape.from_config(fed.backbone.model.config)
-        dtype = str(next(fed.backbone.model.parameters()).dtype).replace("torch.", "")
-        device = "cuda" if fed.device.type == "cuda" else "cpu"
+    def estimate_fn(sizing: ClientSizing, fixed_cut: bool = True) -> Any:
+        """Peak-memory estimate of a client for a rank pattern, at the sizing's batch and sequence length."""
         return client_memory_fn(
-            shape, int(dm.batch_size), int(dm.max_length), fed.backbone.cut_layer if fixed_cut else None,
-            target_modules=list(fed.backbone.targets), dtype=dtype, device=device,
+            ModelShape.from_config(sizing.model_config), sizing.batch_size, sizing.seq_len,
+            sizing.cut_layer if fixed_cut else None, target_modules=list(sizing.target_modules), dtype=sizing.dtype,
+            device=sizing.device,
         )  # fmt: skip
 
-    def latency_fn(self, fed: Any, dm: Any, client_idx: int) -> Any:
+    def latency_fn(self, sizing: ClientSizing, client_idx: int) -> Any:
         """Estimated round latency of client ``client_idx`` per cut layer on its device profile."""
-        shape = ModelShape.from_config(fed.backbone.model.config)
+        shape = ModelShape.from_config(sizing.model_config)
         profile = DEVICE_PROFILES[(self.profiles or [])[client_idx % len(self.profiles or [1])]]
-        steps, batch, length = int(getattr(dm, "local_steps", 1)), int(dm.batch_size), int(dm.max_length)
 
         def latency(cut: int | None, ranks: dict[str, int]) -> float:
-            return estimate_latency(shape, cut or fed.backbone.cut_layer, profile, batch, length, steps).total_s
+            steps, batch, length = sizing.local_steps, sizing.batch_size, sizing.seq_len
+            return estimate_latency(shape, cut or sizing.cut_layer, profile, batch, length, steps).total_s
 
         return latency
 
     # ------------------------------------------------------------------------------------------ logging
-    def log_allocations(self, trainer: L.Trainer, fed: Any, allocations: list[Allocation]) -> None:
+    def log_allocations(self, trainer: L.Trainer, allocations: list[Allocation]) -> None:
         metrics: dict[str, float] = {}
         for a in allocations:
             metrics[f"memory/estimated_peak_mb/client_{a.client:03d}"] = a.peak_bytes / 2**20
@@ -175,13 +196,16 @@ class RankAllocation(Callback):
             add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
             if callable(add_image):
                 add_image("ranks/heatmap", heatmap(allocations), trainer.current_epoch, dataformats="HWC")
-        if trainer.log_dir and trainer.is_global_zero:
-            atomic_write_json(f"{trainer.log_dir}/allocation.json", self.allocations)
+        folder = trainer.log_dir  # a collective under DDP: every process asks, once
+        if folder and trainer.is_global_zero:
+            atomic_write_json(f"{folder}/allocation.json", self.allocations)
 
     # ------------------------------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"allocations": self.allocations}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.allocations = list(state_dict.get("allocations", []))
 

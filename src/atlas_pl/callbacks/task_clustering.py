@@ -4,17 +4,16 @@ At fit start each client computes a task signal on a few of its own batches (by 
 adapters after a few local split steps, restored afterwards), compresses it on the client to a ``dim``-D fingerprint
 with a seeded projection shared by all clients (optionally clipped and noised for differential privacy), and sends
 only those ``dim`` floats. The server clusters the fingerprints with k-means and writes the assignment to the module
-(``set_clusters``): per-cluster server adapters, aggregation and per-cluster curves follow it.
+(``assign_clusters``): per-cluster server adapters, aggregation and per-cluster curves follow it.
 
-The module must provide the small protocol ``Federation`` implements: ``num_clients``, ``client_signal(idx, batches,
-kind)``, ``set_clusters(ids)``, ``rebuild_optimizers()`` and a ``channel`` (optional, to count fingerprint bytes);
-the datamodule provides ``client_batches(idx, num_batches, seed)`` or per-client ``train_datasets`` + ``collate``.
+The module is seen only through the federation protocol (``atlas_pl.protocol.TaskDiscovery``: ``local_clients``,
+``cluster_of``, ``client_batches``, ``task_signal``, ``assign_clusters``). Under several processes (one client per
+process) the fingerprints are gathered, rank 0 clusters them, and every process receives the assignment.
 """
 
 from __future__ import annotations
 
 import io
-from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -22,11 +21,14 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
 from atlas_pl.algorithms.fingerprint import fingerprint_bytes, project_gradients
 from atlas_pl.algorithms.plots import plot_fingerprints
 from atlas_pl.algorithms.privacy import dp_epsilon, privatize
+from atlas_pl.distributed import broadcast_object, gather_objects
+from atlas_pl.protocol import TaskDiscovery, require
 
 Signal = Literal["update", "grad_B"]
 QUALITY = ("ari", "nmi", "sil", "dp_")
@@ -34,6 +36,10 @@ QUALITY = ("ari", "nmi", "sil", "dp_")
 
 class TaskClustering(Callback):
     """Cluster clients by task from 64-D gradient fingerprints (phase 1).
+
+    Hooks: ``setup`` checks the protocol; ``on_fit_start`` clusters before the first step (after the optimizers
+    exist, which it rebuilds, and before ``RankAllocation``, which must come later in the callback list and reads the
+    clusters); ``on_train_epoch_start`` re-clusters every ``recluster_every`` rounds.
 
     Args:
         num_clusters: ``K``, or ``"auto"`` (silhouette over ``k_range``; one cluster when nothing separates).
@@ -115,27 +121,49 @@ class TaskClustering(Callback):
         return self.recluster_every > 0 and round_idx - self.last_round >= self.recluster_every
 
     # ------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require(pl_module, TaskDiscovery, "TaskClustering")
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.result is not None:  # restored from a checkpoint: the module already holds the assignment
             return
         self.run(trainer, pl_module, round_idx=trainer.current_epoch)
 
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch > self.last_round and self.should_cluster(trainer.current_epoch):
             self.run(trainer, pl_module, round_idx=trainer.current_epoch)
 
     def run(self, trainer: L.Trainer, pl_module: Any, round_idx: int) -> ClusterResult:
         """Fingerprint every client, cluster, write the assignment to the module, log, and return the result."""
-        dm = trainer.datamodule  # type: ignore[attr-defined]
+        dm = getattr(trainer, "datamodule", None)
+        local = list(pl_module.local_clients())
         if self.assign != "fingerprints":
-            result = self.assigned(dm, pl_module.num_clients)
+            rows = {c: torch.zeros(0) for c in local}
         else:
-            rows = [self.client_fingerprint(pl_module, dm, i, round_idx) for i in range(pl_module.num_clients)]
-            self.fingerprints = torch.stack(rows).numpy()
-            result = cluster_clients(self.fingerprints, self.num_clusters, self.seed, self.k_range, self.min_silhouette)
-        labels = [0 if c < 0 else c for c in result.labels]  # left-out clients join cluster 0 (they were warned)
-        pl_module.set_clusters(labels)
-        pl_module.rebuild_optimizers()
+            rows = {c: self.client_fingerprint(pl_module, c, round_idx) for c in local}
+        everyone = {c: row for part in gather_objects(rows) for c, row in part.items()}
+        ids = sorted(everyone)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"client ids must be 0..N-1 across processes, got {ids}; fix `local_clients()`")
+        result: ClusterResult | None = None
+        if trainer.is_global_zero:
+            if self.assign != "fingerprints":
+                result = self.assigned(dm, len(ids))
+            else:
+                self.fingerprints = torch.stack([everyone[c] for c in ids]).numpy()
+                result = cluster_clients(
+                    self.fingerprints, self.num_clusters, self.seed, self.k_range, self.min_silhouette
+                )
+        result = broadcast_object(result)
+        assert result is not None
+        if self.assign == "fingerprints" and self.fingerprints is None:
+            self.fingerprints = torch.stack([everyone[c] for c in ids]).numpy()
+        pl_module.assign_clusters([0 if c < 0 else c for c in result.labels])  # left-out clients join cluster 0
+        trainer.strategy.setup_optimizers(trainer)  # shared adapters may be new
         self.result, self.last_round = result, round_idx
         self.log_result(trainer, result, dm, round_idx)
         return result
@@ -149,15 +177,27 @@ class TaskClustering(Callback):
             labels = _codes([str(c) for c in np.random.default_rng(self.seed).integers(0, k, num_clients)])
         else:
             attribute = "client_tasks" if self.assign == "true_task" else "client_groups"
+            if getattr(dm, attribute, None) is None:
+                raise ValueError(
+                    f"`assign={self.assign!r}` reads the true clusters from the datamodule's `{attribute}`, which "
+                    f"{type(dm).__name__} lacks; use assign='fingerprints' or a FederatedDataModule"
+                )
             labels = _codes(list(getattr(dm, attribute)))
         return ClusterResult(labels=labels, num_clusters=len(set(labels)), silhouette=None)
 
-    def client_fingerprint(self, pl_module: Any, dm: Any, idx: int, round_idx: int) -> torch.Tensor:
+    def client_fingerprint(self, pl_module: Any, idx: int, round_idx: int) -> torch.Tensor:
         """What client ``idx`` computes and sends: its projected, normalized (optionally noised) signal."""
-        batches = client_batches(dm, idx, self.num_batches, self.seed + round_idx, pl_module.device)
-        signal = pl_module.client_signal(idx, batches, self.signal)
+        batches = pl_module.client_batches(idx, self.num_batches, self.seed + round_idx)
+        signal = pl_module.task_signal(idx, batches, self.signal)
         if self.sides != "both":
-            signal = {k: v for k, v in signal.items() if k.startswith(f"{self.sides}.")}
+            kept = {k: v for k, v in signal.items() if k.startswith(f"{self.sides}.")}
+            if signal and not kept:
+                raise ValueError(
+                    f"TaskClustering(sides={self.sides!r}) fingerprints the {self.sides!r} part of the task signal, "
+                    f"but {type(pl_module).__name__} sends only {sorted({k.split('.')[0] for k in signal})}; set "
+                    "`sides` to 'both' or to one of those"
+                )
+            signal = kept
         try:
             vector = project_gradients(signal, self.dim, self.seed, normalize=self.normalize)
         except ValueError as err:
@@ -170,7 +210,7 @@ class TaskClustering(Callback):
         channel = getattr(pl_module, "channel", None)
         if channel is not None:
             channel.send_fingerprint(fingerprint_bytes(self.dim), client_idx=idx)
-        return vector
+        return vector.detach().cpu()
 
     # ------------------------------------------------------------------------------------------ logging
     def metrics(self, result: ClusterResult, dm: Any) -> dict[str, float]:
@@ -215,6 +255,7 @@ class TaskClustering(Callback):
         return (mpimg.imread(buffer, format="png")[..., :3] * 255).astype(np.uint8)
 
     # ------------------------------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "result": None if self.result is None else self.result.to_dict(),
@@ -223,6 +264,7 @@ class TaskClustering(Callback):
             "releases": self.releases,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         result = state_dict.get("result")
         self.result = None if result is None else ClusterResult.from_dict(result)
@@ -235,22 +277,3 @@ class TaskClustering(Callback):
 def _codes(names: list[str]) -> list[int]:
     order = {n: i for i, n in enumerate(dict.fromkeys(names))}
     return [order[n] for n in names]
-
-
-def client_batches(dm: Any, idx: int, num_batches: int, seed: int, device: torch.device) -> list[dict]:
-    """``num_batches`` training batches of client ``idx`` (seeded choice), moved to ``device``."""
-    if hasattr(dm, "client_batches"):
-        batches = dm.client_batches(idx, num_batches, seed)
-    else:
-        from atlas_pl.data.formats import collate
-
-        data = dm.train_datasets[idx]
-        order = np.random.default_rng(seed + idx).permutation(len(data))
-        size = int(getattr(dm, "batch_size", 16))
-        make = partial(collate, pad_id=int(getattr(dm, "pad_id", 0)))
-        batches = [
-            make([data[j] for j in order[b * size : (b + 1) * size]])
-            for b in range(num_batches)
-            if b * size < len(data)
-        ]
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]

@@ -195,3 +195,22 @@ def client_datasets(
         hist = np.bincount([x["label"] for x in data.train[-1] if x["label"] >= 0], minlength=task.num_labels)
         data.label_hists.append([int(v) for v in hist])
     return data
+
+
+def sample_client_batches(dm: Any, idx: int, num_batches: int, seed: int) -> list[dict]:
+    """``num_batches`` collated training batches of client ``idx`` of a set-up datamodule (seeded choice).
+
+    The phases' task signals use it: the examples are a permutation of the client's training set seeded with
+    ``seed + idx``, so every client draws its own, reproducibly.
+    """
+    from atlas_pl.data.formats import collate
+
+    if hasattr(dm, "client_batches"):
+        return list(dm.client_batches(idx, num_batches, seed))
+    data = dm.train_datasets[idx]
+    order = np.random.default_rng(seed + idx).permutation(len(data))
+    size = int(getattr(dm, "batch_size", 16))
+    make = partial(collate, pad_id=int(getattr(dm, "pad_id", 0)))
+    return [
+        make([data[j] for j in order[b * size : (b + 1) * size]]) for b in range(num_batches) if b * size < len(data)
+    ]

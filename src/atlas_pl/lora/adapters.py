@@ -207,6 +207,27 @@ class AdapterBank:
                     )
                 param.copy_(value)
 
+    @torch.no_grad()
+    def load_factors(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy ``(A, B)`` of some modules into adapter ``name`` in place; modules not given keep theirs.
+
+        Raises:
+            KeyError: A module the adapter does not cover.
+            ValueError: A shape differs from the adapter's (different rank).
+        """
+        live = self.factors(name)
+        for module, (a, b) in factors.items():
+            if module not in live:
+                raise KeyError(f"adapter {name!r} does not cover module {module!r}")
+            param_a, param_b, _ = live[module]
+            if a.shape != param_a.shape or b.shape != param_b.shape:
+                raise ValueError(
+                    f"adapter {name!r}: {module} gets A {tuple(a.shape)} and B {tuple(b.shape)}, expected "
+                    f"{tuple(param_a.shape)} and {tuple(param_b.shape)}; ranks differ, re-decompose before loading"
+                )
+            param_a.copy_(a)
+            param_b.copy_(b)
+
     def nbytes(self, name: str) -> int:
         """Bytes of adapter ``name``'s tensors."""
         return sum(p.numel() * p.element_size() for p in self.parameters(name))

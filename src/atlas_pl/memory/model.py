@@ -415,7 +415,8 @@ def estimate_client_memory(
 
     Args:
         shape: Model sizes (:meth:`ModelShape.from_config`).
-        cut_layer: The client runs embeddings + blocks ``[0, cut_layer)``; must be in ``[1, num_layers - 1]``.
+        cut_layer: The client runs embeddings + blocks ``[0, cut_layer)``; in ``[1, num_layers]`` (``num_layers``: a
+            client that runs every block, as under ``PeftClientMixin``; its final norm, head and loss are not counted).
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.
         rank: LoRA rank of modules not in ``rank_pattern``.
@@ -470,8 +471,8 @@ def estimate_client_memory(
 
 
 def _check_estimate_args(shape: ModelShape, cut_layer: int, batch_size: int, seq_len: int, rank: int, opt: str) -> None:
-    if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 1 <= cut_layer <= shape.num_layers - 1:
-        raise ValueError(f"`cut_layer` must be an int in [1, {shape.num_layers - 1}], got {cut_layer!r}")
+    if isinstance(cut_layer, bool) or not isinstance(cut_layer, int) or not 1 <= cut_layer <= shape.num_layers:
+        raise ValueError(f"`cut_layer` must be an int in [1, {shape.num_layers}], got {cut_layer!r}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
