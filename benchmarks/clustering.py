@@ -9,12 +9,12 @@ mode as in fit, so dropout is on, its generator seeded per (seed, client) before
 
 Raw signals, per client, on its first ``max(num_batches)`` seeded batches (``client_batches`` of the callback):
 
-* ``grad_B``: ``Federation.client_signal(idx, [batch], "grad_B")`` per batch, summed cumulatively, so the signal for
-  ``b`` batches is the callback's ``client_signal(idx, batches[:b], "grad_B")`` (checked in ``--quick``); its
+* ``grad_B``: ``Federation.task_signal(idx, [batch], "grad_B")`` per batch, summed cumulatively, so the signal for
+  ``b`` batches is the callback's ``task_signal(idx, batches[:b], "grad_B")`` (checked in ``--quick``); its
   ``server.*`` part, ``client.*`` part or both.
 * ``update``: the LoRA change after ``b`` local split steps with a fresh AdamW, a copy of
-  ``Federation.client_signal(..., "update")`` that snapshots the change after every step, so the trajectory to 8
-  steps also gives the signals for 1 and 4 (checked in ``--quick`` against ``client_signal``; equal given the same
+  ``Federation.task_signal(..., "update")`` that snapshots the change after every step, so the trajectory to 8
+  steps also gives the signals for 1 and 4 (checked in ``--quick`` against ``task_signal``; equal given the same
   dropout draws). Adapters and heads are restored afterwards.
 * ``warmup`` (12-client workload): one local split step on the first batch, then ``grad_B`` summed over ``b``
   batches at that point (server side, both sides); restored afterwards.
@@ -132,6 +132,7 @@ def build(s: Settings, w: Workload, seed: int) -> tuple[Any, Any]:
 
     from atlas_pl.data.datamodule import FederatedDataModule
     from atlas_pl.federation import Federation
+    from atlas_pl.lora import LoraSpec
 
     n = w.clients_per_task * len(s.tasks)
     dm = FederatedDataModule(
@@ -154,10 +155,9 @@ def build(s: Settings, w: Workload, seed: int) -> tuple[Any, Any]:
             task_format="classification",
             num_clients=n,
             cut_layer=s.cut_layer,
-            lora_rank=s.lora_rank,
-            target_modules=list(s.target_modules),
+            lora=LoraSpec(rank=s.lora_rank, target_modules=list(s.target_modules)),
             learning_rate=s.learning_rate,
-            server_adapters=s.server_adapters,  # type: ignore[arg-type]
+            share={"per_cluster": "server", "per_client": "none"}[s.server_adapters],  # type: ignore[arg-type]
         )
     fed.num_examples = dm.num_examples
     fed.client_task_ids = dm.client_task_ids
@@ -173,7 +173,7 @@ def cumulative_grad_b(fed: Any, idx: int, batches: list[dict], marks: set[int]) 
     """``client_signal(idx, batches[:b], "grad_B")`` for every ``b`` in ``marks``, from one pass per batch."""
     total, out = None, {}
     for j, batch in enumerate(batches, 1):
-        total = _add(total, fed.client_signal(idx, [batch], "grad_B"))
+        total = _add(total, fed.task_signal(idx, [batch], "grad_B"))
         if j in marks:
             out[j] = {k: v.clone() for k, v in total.items()}
     return out
@@ -182,7 +182,7 @@ def cumulative_grad_b(fed: Any, idx: int, batches: list[dict], marks: set[int]) 
 def update_trajectory(
     fed: Any, idx: int, batches: list[dict], marks: set[int], warmup: bool
 ) -> tuple[dict[int, dict], dict[int, dict]]:
-    """The ``update`` signal after ``b`` steps for ``b`` in ``marks`` (as ``client_signal(..., "update")`` computes
+    """The ``update`` signal after ``b`` steps for ``b`` in ``marks`` (as ``task_signal(..., "update")`` computes
     it), and, with ``warmup``, ``grad_B`` summed over ``batches[:b]`` after the first step; state restored after."""
     import torch
 
@@ -202,7 +202,7 @@ def update_trajectory(
                         signal[f"{side}.{module}.lora_A"] = (a.detach() - saved[name][f"{module}.lora_A"]).flatten()
                         signal[f"{side}.{module}.lora_B"] = (b.detach() - saved[name][f"{module}.lora_B"]).flatten()
                 updates[j] = signal
-            if j == 1 and warmup:  # client_signal restores the post-step state; the next step zeroes the grads
+            if j == 1 and warmup:  # task_signal restores the post-step state; the next step zeroes the grads
                 warm = cumulative_grad_b(fed, idx, batches, marks)
     for name in sides.values():
         for param in fed.backbone.server_parameters(name) + fed.backbone.bank.parameters(name):
@@ -213,12 +213,11 @@ def update_trajectory(
 
 def raw_signals(fed: Any, dm: Any, idx: int, seed: int, s: Settings, warmup: bool) -> dict[tuple[str, int], dict]:
     """``{(raw signal, num_batches): {name: tensor}}`` of one client."""
-    import torch
 
-    from atlas_pl.callbacks.task_clustering import client_batches
+    from atlas_pl.data.client_data import sample_client_batches
 
     marks = set(s.num_batches)
-    batches = client_batches(dm, idx, max(marks), seed, torch.device("cpu"))
+    batches = sample_client_batches(dm, idx, max(marks), seed)
     out = {("grad_B", b): v for b, v in cumulative_grad_b(fed, idx, batches, marks).items()}
     updates, warm = update_trajectory(fed, idx, batches, marks, warmup)
     out.update({("update", b): v for b, v in updates.items()})
@@ -238,21 +237,21 @@ def fingerprint(signal: dict, sides: str, normalize: str, dim: int, seed: int) -
 
 
 def equivalence_check(fed: Any, dm: Any, seed: int) -> dict[str, float]:
-    """Max |difference| between the cumulative signals used here and ``Federation.client_signal`` (client 0)."""
+    """Max |difference| between the cumulative signals used here and ``Federation.task_signal`` (client 0)."""
     import torch
 
-    from atlas_pl.callbacks.task_clustering import client_batches
+    from atlas_pl.data.client_data import sample_client_batches
 
-    batches = client_batches(dm, 0, 4, seed, torch.device("cpu"))
+    batches = sample_client_batches(dm, 0, 4, seed)
     out = {}
     torch.manual_seed(1234)
-    ref = fed.client_signal(0, batches, "grad_B")
+    ref = fed.task_signal(0, batches, "grad_B")
     torch.manual_seed(1234)
     mine = cumulative_grad_b(fed, 0, batches, {4})[4]
     out["grad_B_max_abs_diff"] = max(float((ref[k] - mine[k]).abs().max()) for k in ref)
     out["grad_B_max_abs"] = max(float(v.abs().max()) for v in ref.values())
     torch.manual_seed(1234)
-    ref = fed.client_signal(0, batches, "update")
+    ref = fed.task_signal(0, batches, "update")
     torch.manual_seed(1234)
     mine = update_trajectory(fed, 0, batches, {4}, warmup=False)[0][4]
     out["update_max_abs_diff"] = max(float((ref[k] - mine[k]).abs().max()) for k in ref)

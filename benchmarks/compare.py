@@ -323,7 +323,9 @@ def parse_run(workload: str, method: str, seed: int, measured_cache: dict, measu
             group_acc[g] = sum(vals) / len(vals)
     task_acc = {t: final.get(f"val_task/{t}/acc") for t in groups}
     alloc_path = folder / "allocation.json"
-    rank = int(res.get("hparams", {}).get("lora_rank", deep_get(base, "model", "lora_rank", default=8)))
+    hparams = res.get("hparams", {})
+    configured = deep_get(base, "model", "lora", "rank", default=8)
+    rank = int(deep_get(hparams, "lora", "rank", default=hparams.get("lora_rank", configured)))  # (older runs: flat)
     if alloc_path.exists():
         alloc = json.loads(alloc_path.read_text())
         peaks = [a["peak_bytes"] for a in alloc]

@@ -54,7 +54,7 @@ from atlas_pl.profiling import cpu_peak_bytes, cuda_peak_bytes
 MIB = 2**20
 VARIANTS = ("split", "mono_full", "mono_answer")
 RSS_KEYS = ("build", "steps", "grads", "build_trim", "steps_trim", "grads_trim")
-SPLIT_KW = dict(cut_layer=2, lora_rank=8, lora_alpha=16.0)
+SPLIT_KW = dict(cut_layer=2, lora_rank=8, lora_alpha=16.0)  # the Federation's cut and LoRA, and the peft reference's
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -135,9 +135,11 @@ def build_split(model: str, device: str, num_clients: int = 1) -> Any:
     import torch
 
     from atlas_pl.federation import Federation
+    from atlas_pl.lora import LoraSpec
 
     torch.manual_seed(0)
-    return Federation(model=model, num_clients=num_clients, **SPLIT_KW).to(device)
+    lora = LoraSpec(rank=SPLIT_KW["lora_rank"], alpha=SPLIT_KW["lora_alpha"])
+    return Federation(model=model, num_clients=num_clients, cut_layer=SPLIT_KW["cut_layer"], lora=lora).to(device)
 
 
 def split_stepper(fed: Any) -> Callable[[dict], Any]:

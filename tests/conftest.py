@@ -18,7 +18,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY_GPT2 = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
 # `atlas-pl` arguments that shrink configs/demo.yaml to a tiny model (3 blocks: the demo's candidate cuts 1 and 2 exist)
 TINY_DEMO_MODEL = ["--model.model_overrides", '{"n_layer": 3, "n_embd": 32, "n_head": 2}',
-                   "--model.target_modules", "null"]  # fmt: skip
+                   "--model.lora.target_modules", "null"]  # fmt: skip
 TINY_DEMO = [*TINY_DEMO_MODEL, "--data.num_clients", "3", "--data.num_groups", "1", "--data.tasks_per_group", "1",
              "--data.examples_per_client", "16", "--data.local_steps", "1", "--data.batch_size", "8"]  # fmt: skip
 
@@ -32,8 +32,12 @@ def demo_cli_args(tmp_path, *extra: str) -> list[str]:
 
 
 def tiny_federation_kwargs(**overrides) -> dict:
-    kwargs = dict(model="gpt2-tiny", model_overrides=dict(TINY_GPT2), num_clients=4, cut_layer=1, lora_rank=4,
-                  lora_alpha=8, learning_rate=1e-2)
+    """Federation kwargs of a tiny GPT-2 federation; ``lora_dropout=`` sets the LoRA dropout."""
+    from atlas_pl.lora.adapters import LoraSpec
+
+    lora = LoraSpec(rank=4, alpha=8, dropout=overrides.pop("lora_dropout", 0.0))
+    kwargs = dict(model="gpt2-tiny", model_overrides=dict(TINY_GPT2), num_clients=4, cut_layer=1, lora=lora,
+                  learning_rate=1e-2)
     kwargs.update(overrides)
     return kwargs
 

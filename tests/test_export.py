@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from atlas_pl.export import HEADS_FILE, export_peft
 from atlas_pl.federation import Federation
+from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.models import load_model
 
 TINY = {
@@ -55,8 +56,7 @@ def _heterogeneous_federation(name: str) -> Federation:
         task_format=TASK_FORMAT[name],  # type: ignore[arg-type]
         num_clients=3,
         cut_layer=1,
-        lora_rank=4,
-        lora_alpha=8,
+        lora=LoraSpec(rank=4, alpha=8),
     )
     fed.attach_data(_tasks_datamodule())
     fed.assign_clusters([0, 0, 1])

@@ -106,6 +106,23 @@ def capture_head_logits(client: SplitClient, task_id: int) -> Iterator[list[torc
         handle.remove()
 
 
+@dataclass
+class EvaluationSpec:
+    """How a federation scores its clients (YAML: ``model.evaluation: {scoring: label_first_token}``).
+
+    Args:
+        scoring: How causal LMs are scored on classification tasks: ``label_words`` (log-likelihood of each label's
+            answer tokens; the label spaces of different tasks coexist), ``label_first_token`` (the label words' first
+            tokens at the answer position, free with the loss pass) or ``first_token`` (argmax over the vocabulary).
+        score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
+        max_new_tokens: Tokens generated for QA / summarization tasks.
+    """
+
+    scoring: Scoring = "label_words"
+    score_norm: ScoreNorm = "sum"
+    max_new_tokens: int = 32
+
+
 class FederatedEvaluator(nn.Module):
     """Evaluation state of a federation: loss, accuracy and primary score per client, torchmetrics per task.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any, Literal, cast
 
 import lightning as L
@@ -20,8 +21,8 @@ from typing_extensions import override
 
 from atlas_pl.client import SplitClient
 from atlas_pl.data.client_data import sample_client_batches
-from atlas_pl.evaluation import FederatedEvaluator, Scoring, tasks_from_datamodule
-from atlas_pl.lora.adapters import LoraSpec, validate_rank
+from atlas_pl.evaluation import EvaluationSpec, FederatedEvaluator, tasks_from_datamodule
+from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.metrics import PerClientMean
 from atlas_pl.models import load_model
 from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
@@ -30,7 +31,6 @@ from atlas_pl.roster import ClientRoster, Share
 from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import Compression, InProcessChannel
 from atlas_pl.split.pooling import Pooling
-from atlas_pl.split.scoring import ScoreNorm
 from atlas_pl.split.signal import SignalKind, task_signal
 
 
@@ -45,15 +45,13 @@ class Federation(L.LightningModule):
     Args:
         model: Base model name: ``gpt2-tiny``, ``gpt2-small-shape``, ``llama-tiny``, ``bert-tiny``,
             ``smollm2-offline``, ``minilm-offline``, a local folder or a hub id (see ``atlas_pl.models``).
-        model_overrides: Config fields of config-built models (``{"n_layer": 2}``) or ``from_pretrained`` kwargs.
+        model_overrides: Config fields of config-built models (``{"n_layer": 2}``) or ``from_pretrained`` kwargs
+            (``num_labels`` of an encoder's base head; task heads take their sizes from the datamodule's tasks).
         task_format: ``causal_lm`` (answer tokens as targets) or ``classification`` (encoder + class head).
-        num_labels: Classes of the classification head (``classification`` only).
         num_clients: Number of clients; must equal the datamodule's.
         cut_layer: Blocks ``[0, cut_layer)`` run on the clients, the rest on the server.
-        lora_rank: LoRA rank of every adapter (heterogeneous ranks come from ``RankAllocation``).
-        lora_alpha: LoRA alpha (update scaled by ``alpha / rank``).
-        lora_dropout: Dropout on the LoRA input.
-        target_modules: Module suffixes inside a block to adapt; ``None`` = the architecture's default.
+        lora: LoRA rank, alpha, dropout and target module suffixes of every adapter (YAML: ``lora: {rank: 8,
+            alpha: 16, target_modules: [attn.c_attn]}``; heterogeneous ranks come from ``RankAllocation``).
         learning_rate: AdamW learning rate (client and server adapters).
         weight_decay: AdamW weight decay.
         share: Which adapters a cluster's clients share (see ``atlas_pl.roster``): ``server`` (one server adapter per
@@ -63,10 +61,7 @@ class Federation(L.LightningModule):
             bound; one cluster = one model on all the data, true-task clusters = one model per task).
         compression: Wire format of activations/gradients across the cut (``none``, ``fp16``, ``bf16``, ``int8``).
         dtype: Dtype of the frozen backbone.
-        scoring: How causal LMs are scored on classification tasks: ``label_words`` (log-likelihood of each label's
-            answer tokens; the label spaces of different tasks coexist) or ``first_token`` (argmax over the vocabulary).
-        score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
-        max_new_tokens: Tokens generated for QA / summarization tasks in evaluation.
+        evaluation: How clients are scored (``scoring``, ``score_norm``, ``max_new_tokens``; see ``EvaluationSpec``).
         pooling: How an encoder classifier pools the last hidden states: ``mean`` (attention-mask-weighted mean over
             tokens), ``cls`` (first token), ``pooler`` (the model's pooler), or ``auto``: a sentence-transformers
             checkpoint's own pooling (all-MiniLM-L6-v2: ``mean``; its pooler is untrained), else ``pooler`` when the
@@ -78,33 +73,30 @@ class Federation(L.LightningModule):
         model: str = "gpt2-tiny",
         model_overrides: dict[str, Any] | None = None,
         task_format: Literal["causal_lm", "classification"] = "causal_lm",
-        num_labels: int = 2,
         num_clients: int = 9,
         cut_layer: int = 1,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        target_modules: list[str] | None = None,
+        lora: LoraSpec | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         share: Share = "server",
         compression: Compression = "none",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        scoring: Scoring = "label_words",
-        score_norm: ScoreNorm = "sum",
-        max_new_tokens: int = 32,
+        evaluation: EvaluationSpec | None = None,
         pooling: Pooling = "auto",
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}")
-        validate_rank(lora_rank, "lora_rank")
-        self.save_hyperparameters()
+        lora = LoraSpec(**lora) if isinstance(lora, dict) else lora or LoraSpec()
+        ev = EvaluationSpec(**evaluation) if isinstance(evaluation, dict) else evaluation or EvaluationSpec()
+        self.save_hyperparameters(ignore=["lora", "evaluation"])
+        self.hparams.update(lora=asdict(lora), evaluation=asdict(ev))  # plain values: YAML and checkpoints
+        self.evaluation = ev
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
-        lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules)
-        base = load_model(model, task_format, num_labels, model_overrides, dtype)
+        overrides = dict(model_overrides or {})
+        base = load_model(model, task_format, int(overrides.pop("num_labels", 2)), overrides, dtype)
         base.train()  # pretrained checkpoints load in eval mode; fine-tuning runs dropout as Hugging Face does
         self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
         self.channel = InProcessChannel(compression)
@@ -114,7 +106,7 @@ class Federation(L.LightningModule):
         self.client_task_ids: list[int] = [0] * num_clients
         self.clients: list[SplitClient] = [self._make_client(i) for i in range(num_clients)]
         self.train_loss = PerClientMean(num_clients)
-        self.evaluator = FederatedEvaluator(num_clients, None, scoring, score_norm, max_new_tokens)
+        self.evaluator = FederatedEvaluator(num_clients, None, ev.scoring, ev.score_norm, ev.max_new_tokens)
         self.history: list[dict[str, Any]] = []
         self._participants: set[int] = set()
         self._round_start_bytes = (0, 0)
@@ -273,13 +265,13 @@ class Federation(L.LightningModule):
                 )
             self.backbone.configure_tasks([t.num_labels for t in tasks])
         tokenizer = getattr(dm, "tokenizer", None)
-        hp = self.hparams
+        ev = self.evaluation
         self.evaluator = FederatedEvaluator(
             self.num_clients,
             tasks,
-            hp["scoring"],
-            hp["score_norm"],
-            hp["max_new_tokens"],
+            ev.scoring,
+            ev.score_norm,
+            ev.max_new_tokens,
             eos_token_id=getattr(tokenizer, "eos_token_id", None),
             decode=getattr(tokenizer, "decode", None),
         ).to(self.device)

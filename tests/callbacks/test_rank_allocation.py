@@ -10,6 +10,7 @@ from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
 from atlas_pl.callbacks.rank_allocation import RankAllocation
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
+from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.protocol import ClientSizing
 from tests.conftest import phase_trainer
 
@@ -22,10 +23,9 @@ def _setup(num_clients: int = 4, cut_layer: int = 2):
     fed = Federation(
         model="gpt2-tiny",
         model_overrides=dict(SHAPE),
-        target_modules=TARGETS,
+        lora=LoraSpec(rank=8, target_modules=TARGETS),
         num_clients=num_clients,
         cut_layer=cut_layer,
-        lora_rank=8,
         learning_rate=3e-3,
     )
     dm = FederatedDataModule(

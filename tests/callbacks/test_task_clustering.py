@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from atlas_pl.callbacks.task_clustering import TaskClustering, _codes
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
+from atlas_pl.lora.adapters import LoraSpec
 from tests.conftest import phase_trainer
 
 DEMO_SHAPE = {"n_layer": 4, "n_embd": 128, "n_head": 4, "initializer_range": 0.1}
@@ -19,10 +20,9 @@ def _setup(seed: int, num_clients: int = 12, **fed_kwargs):
     fed = Federation(
         model="gpt2-tiny",
         model_overrides=dict(DEMO_SHAPE),
-        target_modules=TARGETS,
+        lora=LoraSpec(rank=4, target_modules=TARGETS),
         num_clients=num_clients,
         cut_layer=1,
-        lora_rank=4,
         learning_rate=3e-3,
         **fed_kwargs,
     )

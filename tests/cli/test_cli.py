@@ -70,7 +70,7 @@ def test_fit_resume_and_validate_from_the_last_checkpoint(tmp_path, in_repo, cap
     [
         (["--model.model", "no-such-model-anywhere"], "cannot load model 'no-such-model-anywhere'"),
         (["--model.cut_layer", "3"], "`cut_layer` must be an int in [1, 2]"),
-        (["--model.lora_rank", "0"], "`lora_rank` must be an int >= 1"),
+        (["--model.lora.rank", "0"], "`rank` must be an int >= 1"),
         (["--data.examples_per_client", "0"], "examples_per_client"),
     ],
 )

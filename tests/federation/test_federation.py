@@ -151,8 +151,8 @@ def test_resume_from_a_checkpoint_written_mid_run_matches_an_uninterrupted_run(t
 
 def test_per_client_server_adapters_and_heads_are_averaged_for_classifiers(fast_trainer_kwargs, seeded) -> None:
     fed = Federation(**tiny_federation_kwargs(
-        model="bert-tiny", model_overrides={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64},
-        task_format="classification", num_labels=4, share="none"))
+        model="bert-tiny", task_format="classification", share="none",
+        model_overrides={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_labels": 4}))
     dm = FederatedDataModule(**tiny_data_kwargs(task_format="classification"))
     L.Trainer(max_epochs=1, callbacks=[ClusterAggregation("fedavg")], **fast_trainer_kwargs).fit(fed, datamodule=dm)
     states = [fed.backbone.adapter_state(f"server_{i}") for i in range(4)]

@@ -5,6 +5,7 @@ import json
 import lightning as L
 
 from atlas_pl.data import FederatedDataModule
+from atlas_pl.evaluation import EvaluationSpec
 from atlas_pl.federation import Federation
 from tests.conftest import tiny_federation_kwargs
 
@@ -33,7 +34,7 @@ def test_classification_and_qa_clients_train_and_report_per_task_metrics(tmp_pat
                                                               "path": str(tmp_path / "qa.jsonl")}],
     )  # fmt: skip
     L.seed_everything(0, verbose=False)
-    fed = Federation(**tiny_federation_kwargs(num_clients=3, max_new_tokens=4))
+    fed = Federation(**tiny_federation_kwargs(num_clients=3, evaluation=EvaluationSpec(max_new_tokens=4)))
     trainer = L.Trainer(max_epochs=1, **fast_trainer_kwargs)
     trainer.fit(fed, datamodule=dm)
 

@@ -92,13 +92,14 @@ class FederatedResults(Callback):
             if folder not in self._layout_written and add_federation_layout(logger):
                 self._layout_written.add(folder)
 
-    @rank_zero_only
     def save_partition(self, trainer: L.Trainer) -> None:
         """Save the datamodule's client partition (``partition.csv/json``) and show it in TensorBoard as text."""
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "partition_table"):
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every process asks
+        if not trainer.is_global_zero:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         if hasattr(dm, "save_partition"):
             dm.save_partition(str(folder / "partition"))
@@ -113,9 +114,10 @@ class FederatedResults(Callback):
                 add_text("partition", text, 0)
 
     @override
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every process asks
+        if not trainer.is_global_zero:
+            return
         self.path = folder / self.filename
         results = self.collect(trainer, pl_module)
         atomic_write_json(self.path, results)
