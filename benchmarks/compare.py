@@ -1,21 +1,28 @@
-"""End-to-end comparison: ATLAS against SplitLoRA, HSplitLoRA, centralized and local training on real data.
+"""Fair comparison: ATLAS against its baselines, each with its own tuned learning rate, scored on the test split.
 
-Every run is one ``atlas-pl fit`` subprocess: a base config (``configs/minilm.yaml`` or ``configs/smollm2.yaml``), a
-method config from ``configs/baselines/`` and a small per-run overlay YAML written into the run folder (logger folder,
-the method's callbacks, a ``RoundCheckpoint`` into the run folder, ablation settings). Same seeds (``--seed_everything S
---data.seed S``), data and budgets for every method. Runs log into
-``benchmarks/results/compare_runs/<workload>/<method>/seed<S>/``; a run whose ``results.json`` exists is skipped
-(``--force`` redoes it), and a run that was killed goes on from its last completed round (``checkpoints/last.ckpt``,
-``--ckpt_path last``), also when an older ``results.json`` is still there (the checkpoint is newer). The script then
-parses ``results.json`` / ``allocation.json`` of every run present and writes (atomically)
-``benchmarks/results/compare.json``, ``compare.csv``, ``compare_*.png`` and the table between ``<!-- compare:begin -->``
-/ ``<!-- compare:end -->`` in ``benchmarks/README.md``.
+The protocol (the only way this script compares):
+
+1. **tune** — every method × every learning rate of the grid (``--lrs``) × the tuning seed(s) (``--tune-seeds``):
+   one ``atlas-pl fit``; the score is the final mean *validation* accuracy.
+2. **choose** — per workload and method, the learning rate with the best mean validation accuracy over the tuning
+   seeds (ties: the smaller rate). The test split is never read for a choice.
+3. **final** — every method at its chosen rate × every seed (``--seeds``): ``atlas-pl fit`` (runs of stage 1 are
+   reused), then ``atlas-pl test`` on the last round's checkpoint → test accuracy overall and per task group.
+4. **report** — test accuracy mean ± std over seeds, per task group, the chosen rate, bytes per round, client memory,
+   the whole validation grid, and a paired t-test across seeds of ATLAS against the best other method.
+
+Every run is one subprocess with one torch thread: the workload's base config, the method's config from
+``configs/baselines/``, and a small overlay YAML in the run folder (logger folder, the method's callbacks, a
+``RoundCheckpoint`` into the run folder, ablation settings), with ``--seed_everything S --data.seed S
+--model.learning_rate LR``. Runs log into ``<results>/compare_runs/<workload>/<method>/lr<LR>/seed<S>/``; a finished
+run is skipped and a killed one goes on from its last round (``checkpoints/last.ckpt``). Outputs (atomic):
+``compare.json``, ``compare.csv``, ``compare_*.png`` and the table between ``<!-- compare:begin -->`` /
+``<!-- compare:end -->`` in ``benchmarks/README.md``.
 
 Usage::
 
-    python benchmarks/compare.py --quick                       # minilm, 1 seed, 5 methods, 3 short rounds
-    python benchmarks/compare.py --workloads minilm --methods atlas splitlora hsplitlora local centralized \\
-        atlas_zero_pad atlas_true_task atlas_one atlas_uniform --seeds 0
+    python benchmarks/compare.py --quick                       # minilm, 2 rates, 2 seeds, 2 short rounds
+    python benchmarks/compare.py --workloads minilm --rounds 4 # the README's table (5 rates, 3 seeds)
     python benchmarks/compare.py --report-only                 # re-parse the runs present, rewrite the outputs
 """
 
@@ -41,23 +48,32 @@ import yaml
 from atlas_pl.io import atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-RUNS = RESULTS / "compare_runs"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 ATLAS_PL = str(Path(sys.executable).with_name("atlas-pl"))
 MIB = 2**20
 
-WORKLOADS = {"minilm": "configs/minilm.yaml", "smollm2": "configs/smollm2.yaml"}
+# workload -> (base config, extra command-line overrides)
+WORKLOADS: dict[str, tuple[str, list[str]]] = {
+    "minilm": ("configs/minilm.yaml", []),
+    # data-scarce: 3x the clients, each with 50 examples (40 to train, 10 to validate), 4 local steps per round
+    "minilm_scarce": ("configs/minilm.yaml", ["--data.num_clients", "36", "--data.max_examples_per_client", "50",
+                                              "--data.local_steps", "4"]),
+    "smollm2": ("configs/smollm2.yaml", []),
+    "demo": ("configs/demo.yaml", []),  # synthetic tasks, random weights: exercises the protocol in seconds
+}  # fmt: skip
 # method -> (baseline config, ablation); ablations are applied on top of the baseline config
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "atlas": ("atlas", {}),
     "splitlora": ("splitlora", {}),
-    "splitlora_strongest": ("splitlora_strongest", {}),
     "hsplitlora": ("hsplitlora", {}),
+    "flexlora": ("flexlora", {}),
+    "fltac": ("fltac", {"TaskClustering": {"num_clusters": "TASKS"}}),
     "centralized": ("centralized", {}),
     "centralized_task": ("centralized_task", {}),
     "local": ("local", {}),
+    "splitlora_strongest": ("splitlora_strongest", {}),
     "atlas_zero_pad": ("atlas", {"ClusterAggregation": {"method": {"class_path": "atlas_pl.algorithms.ZeroPad"}}}),
     "atlas_true_task": ("atlas", {"TaskClustering": {"assign": "true_task"}}),
     "atlas_random": ("atlas", {"TaskClustering": {"assign": "random", "num_clusters": "GROUPS"}}),
@@ -67,33 +83,47 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 DESCRIPTION = {
     "atlas": "ATLAS: fingerprint clusters, importance ranks fitted to budgets, exact per-cluster merge",
     "splitlora": "SplitLoRA: one rank for all (the weakest client's), FedAvg, one global model",
-    "splitlora_strongest": "SplitLoRA at the strongest client's rank (budgets ignored)",
     "hsplitlora": "HSplitLoRA: budget-fitted uniform ranks, exact merge, one global cluster",
+    "flexlora": "FlexLoRA: budget-fitted uniform ranks, dense ΔW + SVD to each rank, one global cluster",
+    "fltac": "FL-TAC-style: clusters of the first round's adapter change (K = tasks), FedAvg per cluster",
     "centralized": "centralized LoRA: one model over every client's pooled batches",
     "centralized_task": "centralized LoRA per task: one model per task over its pooled batches (upper bound)",
     "local": "local-only training, no aggregation (lower bound)",
+    "splitlora_strongest": "SplitLoRA at the strongest client's rank (budgets ignored)",
     "atlas_zero_pad": "ATLAS with zero-pad aggregation instead of exact",
     "atlas_true_task": "ATLAS with oracle clusters (true task)",
     "atlas_random": "ATLAS with random clusters (K = number of task groups)",
     "atlas_one": "ATLAS with one cluster",
     "atlas_uniform": "ATLAS with uniform rank pattern instead of importance",
 }
-QUICK_METHODS = ["atlas", "splitlora", "hsplitlora", "local", "centralized", "centralized_task"]
+# one model for everybody: the baselines ATLAS must at least match
+SINGLE_MODEL = ("centralized", "splitlora", "hsplitlora", "flexlora")
+MAIN_METHODS = ["atlas", "splitlora", "hsplitlora", "flexlora", "fltac", "centralized", "local"]
+LRS = [5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
 QUICK_ARGS = ["--data.max_examples_per_client", "96", "--data.local_steps", "4"]
-POOLING_ORDER = ("mean", "cls", "pooler", None)  # table rows of one method: the current default first
 # shapes for the measured client step (memory_model.worker builds the model from a config: random weights, same sizes)
 MEASURE_SHAPES = {
-    "minilm": ("bert-tiny", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
-                                 vocab_size=30522)),
-    "smollm2": ("llama-tiny", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                   max_position_embeddings=2048, tie_word_embeddings=True)),
+    "configs/minilm.yaml": ("bert-tiny", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                              num_attention_heads=12, vocab_size=30522)),
+    "configs/smollm2.yaml": ("llama-tiny", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                                max_position_embeddings=2048, tie_word_embeddings=True)),
 }  # fmt: skip
 
 
+class Paths:
+    """Where runs and outputs go (``--results``; the README block is only rewritten for the default folder)."""
+
+    def __init__(self, results: Path = DEFAULT_RESULTS, quick: bool = False) -> None:
+        self.results = results
+        self.runs = results / ("compare_runs_quick" if quick else "compare_runs")
+        self.prefix = results / ("compare_quick" if quick else "compare")
+
+
+PATHS = Paths()
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
 def load_yaml(path: Path) -> dict:
     with open(path) as f:
         return yaml.safe_load(f) or {}
@@ -107,11 +137,15 @@ def deep_get(d: dict, *keys: str, default: Any = None) -> Any:
     return d
 
 
+def base_config(workload: str) -> dict:
+    return load_yaml(ROOT / WORKLOADS[workload][0])
+
+
 def task_groups(base: dict) -> dict[str, str]:
-    """Task name → group, from ``<data_dir>/<task>/meta.json``."""
+    """Task name → group, from ``<data_dir>/<task>/meta.json`` (``{}`` for the synthetic demo tasks)."""
     data_dir = ROOT / deep_get(base, "data", "data_dir", default="../shared/data")
     out = {}
-    for t in deep_get(base, "data", "tasks", default=[]):
+    for t in deep_get(base, "data", "tasks", default=None) or []:
         name = t if isinstance(t, str) else t.get("name")
         meta = data_dir / name / "meta.json"
         out[name] = json.loads(meta.read_text()).get("group", name) if meta.exists() else name
@@ -125,15 +159,26 @@ def portable(text: str) -> str:
     return text
 
 
-def run_dir(workload: str, method: str, seed: int) -> Path:
-    return RUNS / workload / method / f"seed{seed}"
+def lr_tag(lr: float) -> str:
+    return f"lr{lr:g}"
 
 
-def is_done(folder: Path) -> bool:
+def run_dir(workload: str, method: str, lr: float, seed: int) -> Path:
+    return PATHS.runs / workload / method / lr_tag(lr) / f"seed{seed}"
+
+
+def is_done(folder: Path, test: bool = False) -> bool:
     """A run is done when its ``results.json`` exists and no round checkpoint is newer (a newer ``last.ckpt`` is a
-    later attempt, e.g. a ``--force`` re-run, that was killed: it resumes from there instead of being skipped)."""
+    later attempt, e.g. a ``--force`` re-run, that was killed: it resumes from there instead of being skipped); with
+    ``test``, also ``test_results.json`` from after that fit."""
     results, last = folder / "results.json", folder / "checkpoints" / "last.ckpt"
-    return results.exists() and not (last.exists() and last.stat().st_mtime > results.stat().st_mtime)
+    fitted = results.exists() and not (last.exists() and last.stat().st_mtime > results.stat().st_mtime)
+    return fitted and (not test or has_test(folder))
+
+
+def has_test(folder: Path) -> bool:
+    results, tested = folder / "results.json", folder / "test_results.json"
+    return tested.exists() and results.exists() and tested.stat().st_mtime >= results.stat().st_mtime
 
 
 def machine_info() -> dict:
@@ -142,6 +187,7 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "omp_num_threads_per_run": 1}  # fmt: skip
+    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -153,84 +199,105 @@ def machine_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
-def build_run(workload: str, method: str, seed: int, rounds: int | None, quick: bool) -> dict:
-    """The command and overlay of one run (nothing is executed)."""
+def build_run(workload: str, method: str, lr: float, seed: int, rounds: int | None = None, quick: bool = False,
+              test: bool = False) -> dict:  # fmt: skip
+    """The commands and overlay of one run (nothing is executed): the fit, and with ``test`` the test after it."""
     baseline, ablation = METHODS[method]
-    base_cfg, method_cfg = WORKLOADS[workload], f"configs/baselines/{baseline}.yaml"
+    base_cfg, extra = WORKLOADS[workload]
+    method_cfg = f"configs/baselines/{baseline}.yaml"
     base, over = load_yaml(ROOT / base_cfg), load_yaml(ROOT / method_cfg)
     callbacks = deep_get(over, "trainer", "callbacks", default=deep_get(base, "trainer", "callbacks", default=[]))
     callbacks = [dict(c) for c in callbacks or [] if "Checkpoint" not in c.get("class_path", "")]
     groups = task_groups(base)
+    counts = {"GROUPS": len(set(groups.values())), "TASKS": len(groups)}
     for cb in callbacks:
         name = cb["class_path"].rsplit(".", 1)[-1]
         if name in ablation:
             args = {**(cb.get("init_args") or {}), **ablation[name]}
-            if args.get("num_clusters") == "GROUPS":
-                args["num_clusters"] = len(set(groups.values()))
+            if args.get("num_clusters") in counts:  # a placeholder: the workload's number of groups / tasks
+                k = counts[args["num_clusters"]]
+                if k:
+                    args["num_clusters"] = k
+                else:  # synthetic tasks: no task list, keep the config's K
+                    args.pop("num_clusters")
             cb["init_args"] = args
-    folder = run_dir(workload, method, seed)
-    rel = folder.relative_to(ROOT)  # the fit runs in ROOT: relative paths keep the commands portable
+    folder = run_dir(workload, method, lr, seed)
+    rel = os.path.relpath(folder, ROOT)  # the fit runs in ROOT: relative paths keep the commands portable
     # last.ckpt after every round in the run's own folder (ignored by git): a killed run resumes where it stopped
-    checkpoints = {"dirpath": str(rel / "checkpoints")}
-    callbacks.append({"class_path": "atlas_pl.callbacks.RoundCheckpoint", "init_args": checkpoints})
+    callbacks.append({"class_path": "atlas_pl.callbacks.RoundCheckpoint",
+                      "init_args": {"dirpath": f"{rel}/checkpoints"}})  # fmt: skip
+    logger = {"save_dir": os.path.relpath(folder.parents[1], ROOT), "name": lr_tag(lr), "version": f"seed{seed}"}
     overlay = {
         "trainer": {
             "callbacks": callbacks,
             "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(rel.parents[1]), "name": method, "version": f"seed{seed}"},
-            },
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": logger},
         }
     }
-    cmd = [ATLAS_PL, "fit", "--config", base_cfg, "--config", method_cfg, "--config", str(rel / "overlay.yaml")]
-    cmd += ["--seed_everything", str(seed), "--data.seed", str(seed)]
-    cmd += list(ablation.get("args", []))
-    if rounds is not None:
-        cmd += ["--trainer.max_epochs", str(rounds)]
-    if quick:
-        cmd += QUICK_ARGS
-    return {"workload": workload, "method": method, "seed": seed, "folder": folder, "overlay": overlay, "cmd": cmd}
+    configs = ["--config", base_cfg, "--config", method_cfg, "--config", f"{rel}/overlay.yaml"]
+    common = [*configs, "--seed_everything", str(seed), "--data.seed", str(seed), "--model.learning_rate", f"{lr:g}"]
+    common += extra + (QUICK_ARGS if quick else [])
+    fit = [ATLAS_PL, "fit", *common] + (["--trainer.max_epochs", str(rounds)] if rounds is not None else [])
+    tested = [ATLAS_PL, "test", *common, "--ckpt_path", f"{rel}/checkpoints/last.ckpt"] if test else None
+    return {"workload": workload, "method": method, "lr": lr, "seed": seed, "folder": folder, "overlay": overlay,
+            "cmd": fit, "test_cmd": tested}  # fmt: skip
 
 
 def execute(run: dict) -> dict:
-    """Run one fit subprocess (one torch thread); returns status and seconds."""
+    """Run the fit subprocess (one torch thread) unless it is done, then the test if asked; status and seconds."""
     folder: Path = run["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "overlay.yaml", yaml.safe_dump(run["overlay"], sort_keys=False))
-    atomic_write_text(folder / "command.txt", shlex.join(["atlas-pl", *run["cmd"][1:]]) + "\n")
+    commands = [shlex.join(["atlas-pl", *run["cmd"][1:]])]
+    if run.get("test_cmd"):
+        commands.append(shlex.join(["atlas-pl", *run["test_cmd"][1:]]))
+    atomic_write_text(folder / "command.txt", "\n".join(commands) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
-    cmd = list(run["cmd"])
+    t0 = time.perf_counter()
+    status = "ok"
     last = folder / "checkpoints" / "last.ckpt"
     if run.get("force"):
         last.unlink(missing_ok=True)
-    elif last.exists():  # an earlier attempt was killed after completing some rounds: go on from there
-        cmd += ["--ckpt_path", "last"]
-    t0 = time.perf_counter()
-    with open(folder / "log.txt", "a" if "--ckpt_path" in cmd else "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        (folder / "results.json").unlink(missing_ok=True)
+    steps = []
+    if not is_done(folder):
+        resume = ["--ckpt_path", "last"] if last.exists() else []  # a killed earlier attempt: go on from there
+        steps.append(("fit", list(run["cmd"]) + resume, "a" if resume else "w"))
+    if run.get("test_cmd") and not (steps == [] and has_test(folder)):
+        steps.append(("test", list(run["test_cmd"]), "a"))
+    for name, cmd, mode in steps:
+        with open(folder / "log.txt", mode) as log:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        done = (folder / ("results.json" if name == "fit" else "test_results.json")).exists()
+        if proc.returncode != 0 or not done:
+            status = f"{name} failed (exit {proc.returncode})"
+            break
     log_file = folder / "log.txt"
-    atomic_write_text(log_file, portable(log_file.read_text(errors="replace")))
-    status = "ok" if proc.returncode == 0 and (folder / "results.json").exists() else f"failed (exit {proc.returncode})"
+    if log_file.exists():
+        atomic_write_text(log_file, portable(log_file.read_text(errors="replace")))
     return {**run, "status": status, "subprocess_seconds": time.perf_counter() - t0}
 
 
-def run_all(runs: list[dict], jobs: int) -> None:
+def run_all(runs: list[dict], jobs: int, title: str) -> list[dict]:
+    """Execute ``runs``, ``jobs`` at a time, with a progress bar; returns the failed ones."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    failed: list[dict] = []
     if not runs:
-        return
+        return failed
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task(f"{len(runs)} runs, {jobs} at a time", total=len(runs))
+        task = bar.add_task(f"{title}: {len(runs)} runs, {jobs} at a time", total=len(runs))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {pool.submit(execute, r): r for r in runs}
             for fut in as_completed(futures):
                 r = fut.result()
-                bar.console.print(
-                    f"{r['workload']}/{r['method']}/seed{r['seed']}: {r['status']} in {r['subprocess_seconds']:.0f} s"
-                )
+                bar.console.print(f"{r['workload']}/{r['method']}/{lr_tag(r['lr'])}/seed{r['seed']}: {r['status']} "
+                                  f"in {r['subprocess_seconds']:.0f} s")  # fmt: skip
+                if r["status"] != "ok":
+                    failed.append(r)
                 bar.advance(task)
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -250,7 +317,7 @@ def estimate_peak(base: dict, rank: int) -> int:
         shape = ModelShape.from_config(AutoConfig.from_pretrained(resolve_path(model["model"])))
         est = estimate_client_memory(
             shape, model["cut_layer"], base["data"]["batch_size"], base["data"]["max_length"], rank=rank,
-            target_modules=model.get("target_modules"), device="cpu",
+            target_modules=deep_get(model, "lora", "target_modules"), device="cpu",
         )  # fmt: skip
         _ESTIMATES[key] = est.total
     return _ESTIMATES[key]
@@ -258,22 +325,23 @@ def estimate_peak(base: dict, rank: int) -> int:
 
 def measure_peak(workload: str, base: dict, rank: int, cache: dict) -> int | None:
     """Measured client step peak (bytes) at one rank: ``memory_model.run_worker`` (torch profiler, fresh process)."""
-    key = f"{workload}/r{rank}"
-    if key in cache:
-        return cache[key]
+    config = WORKLOADS[workload][0]
+    key = f"{config}/r{rank}"
+    if key in cache or config not in MEASURE_SHAPES:
+        return cache.get(key)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import memory_model
 
-    name, overrides = MEASURE_SHAPES[workload]
+    name, overrides = MEASURE_SHAPES[config]
     cfg = dict(model=name, overrides=overrides, cut_layer=base["model"]["cut_layer"], rank=rank,
                batch_size=base["data"]["batch_size"], seq_len=base["data"]["max_length"],
-               targets=base["model"].get("target_modules"), dtype="float32", device="cpu", threads=1)  # fmt: skip
+               targets=deep_get(base, "model", "lora", "target_modules"), dtype="float32", device="cpu",
+               threads=1)  # fmt: skip
     out = memory_model.run_worker(cfg, timeout_s=300)
     cache[key] = None if "error" in out else int(out["measured"]["total"])
     return cache[key]
 
 
-# ---------------------------------------------------------------------------------------------------- parsing
 _AUTO_POOLING: dict[str, str] = {}
 
 
@@ -302,30 +370,35 @@ def run_pooling(hparams: dict) -> str | None:
     return _AUTO_POOLING[name]
 
 
-def parse_run(workload: str, method: str, seed: int, measured_cache: dict, measure: bool) -> dict | None:
-    folder = run_dir(workload, method, seed)
+# ---------------------------------------------------------------------------------------------------- parsing
+def group_means(metrics: dict, groups: dict[str, str], prefix: str) -> dict[str, float]:
+    """Mean accuracy per task group: the mean over the group's tasks of ``<prefix>_task/<task>/acc``."""
+    out: dict[str, float] = {}
+    for g in sorted(set(groups.values())):
+        vals = [metrics.get(f"{prefix}_task/{t}/acc") for t, gg in groups.items() if gg == g]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out[g] = sum(vals) / len(vals)
+    return out
+
+
+def parse_run(workload: str, method: str, lr: float, seed: int, measured_cache: dict, measure: bool) -> dict | None:
+    """One run's row: validation curve and final accuracy, test accuracy (if tested), traffic, client memory."""
+    folder = run_dir(workload, method, lr, seed)
     path = folder / "results.json"
-    if not path.exists():
+    if not is_done(folder):
         return None
     res = json.loads(path.read_text())
-    base = load_yaml(ROOT / WORKLOADS[workload])
+    base = base_config(workload)
     groups = task_groups(base)
     history = res.get("history", [])
     final = res.get("final", {})
-    acc = [h.get("val_acc") for h in history]
     cum = [(h.get("bytes_up") or 0) + (h.get("bytes_down") or 0) for h in history]
     per_round = [b - a for a, b in zip([0, *cum[:-1]], cum)]
-    group_acc: dict[str, float] = {}
-    for g in sorted(set(groups.values())):
-        vals = [final.get(f"val_task/{t}/acc") for t, gg in groups.items() if gg == g]
-        vals = [v for v in vals if v is not None]
-        if vals:
-            group_acc[g] = sum(vals) / len(vals)
-    task_acc = {t: final.get(f"val_task/{t}/acc") for t in groups}
+    test = json.loads((folder / "test_results.json").read_text())["metrics"] if has_test(folder) else {}
     alloc_path = folder / "allocation.json"
     hparams = res.get("hparams", {})
-    configured = deep_get(base, "model", "lora", "rank", default=8)
-    rank = int(deep_get(hparams, "lora", "rank", default=hparams.get("lora_rank", configured)))  # (older runs: flat)
+    rank = int(deep_get(hparams, "lora", "rank", default=deep_get(base, "model", "lora", "rank", default=8)))
     if alloc_path.exists():
         alloc = json.loads(alloc_path.read_text())
         peaks = [a["peak_bytes"] for a in alloc]
@@ -334,68 +407,64 @@ def parse_run(workload: str, method: str, seed: int, measured_cache: dict, measu
         weak = min(range(len(alloc)), key=lambda i: (budgets[i], i))
         strong = max(range(len(alloc)), key=lambda i: (budgets[i], -i))
         mem_source = "allocation.json"
+    elif workload in ("demo",):
+        peaks, budgets, ranks, weak, strong, mem_source = [0], [], [rank], 0, 0, "none (demo)"
     else:
-        n = int(deep_get(base, "data", "num_clients", default=1))
+        n = len(res.get("cluster_ids") or []) or int(deep_get(base, "data", "num_clients", default=1))
         peaks, budgets, ranks = [estimate_peak(base, rank)] * n, [], [rank] * n
         weak, strong = 0, 0
-        mem_source = f"estimate_client_memory at lora_rank={rank}"
+        mem_source = f"estimate_client_memory at lora.rank={rank}"
     measured = {}
     for label, i in (("weakest", weak), ("strongest", strong)):
-        if measure or f"{workload}/r{ranks[i]}" in measured_cache:  # cached: also with --no-measure
-            measured[label] = {"client": i, "rank": ranks[i], "bytes": measure_peak(workload, base, ranks[i],
-                                                                                     measured_cache)}  # fmt: skip
+        if measure or f"{WORKLOADS[workload][0]}/r{ranks[i]}" in measured_cache:  # cached: also with --no-measure
+            measured[label] = {"client": i, "rank": ranks[i],
+                               "bytes": measure_peak(workload, base, ranks[i], measured_cache)}  # fmt: skip
     cmd_file = folder / "command.txt"
     return {
-        "workload": workload, "method": method, "seed": seed, "folder": str(folder.relative_to(ROOT)),
+        "workload": workload, "method": method, "lr": lr, "seed": seed,
+        "folder": os.path.relpath(folder, ROOT) if folder.is_relative_to(ROOT) else folder.name,
         "command": cmd_file.read_text().strip() if cmd_file.exists() else None,
-        "overlay": load_yaml(folder / "overlay.yaml") if (folder / "overlay.yaml").exists() else None,
-        "pooling": run_pooling(res.get("hparams", {})),
-        "rounds": len(history), "final_acc": final.get("val_acc"), "group_acc": group_acc, "task_acc": task_acc,
-        "acc_per_round": acc, "bytes_cumulative": cum, "bytes_per_round": per_round,
+        "pooling": run_pooling(hparams), "rounds": len(history),
+        "val_acc": final.get("val_acc"), "val_group_acc": group_means(final, groups, "val"),
+        "acc_per_round": [h.get("val_acc") for h in history],
+        "test_acc": test.get("test_acc"), "test_group_acc": group_means(test, groups, "test"),
+        "test_task_acc": {t: test.get(f"test_task/{t}/acc") for t in groups} if test else {},
+        "bytes_cumulative": cum, "bytes_per_round": per_round,
         "mean_bytes_per_round": sum(per_round) / len(per_round) if per_round else None,
-        "wall_seconds": res.get("wall_seconds"), "traffic": res.get("traffic"),
-        "cluster_ids": res.get("cluster_ids"), "client_peak_bytes": peaks, "client_budget_bytes": budgets,
-        "client_max_rank": ranks, "peak_bytes_max": max(peaks), "peak_bytes_mean": sum(peaks) / len(peaks),
-        "peak_source": mem_source, "measured_peak": measured,
-        "over_budget": sum(p > b for p, b in zip(peaks, budgets)) if budgets else 0,
+        "wall_seconds": res.get("wall_seconds"), "traffic": res.get("traffic"), "cluster_ids": res.get("cluster_ids"),
+        "client_peak_bytes": peaks, "client_budget_bytes": budgets, "client_max_rank": ranks,
+        "peak_bytes_max": max(peaks), "peak_source": mem_source, "measured_peak": measured,
     }  # fmt: skip
 
 
-def add_rounds_to_target(rows: list[dict]) -> None:
-    """Rounds until ``val_acc`` reaches 95% of the upper bound's final accuracy (same workload and seed): the better
-    of the two centralized runs (``centralized``: one model on all pooled data, ``centralized_task``: one model per
-    task); also of the best final accuracy of any method present (same workload and seed), a reference that does not
-    depend on one method. Only runs of the same ``pooling`` are compared."""
-    central = best_final(rows, ("centralized", "centralized_task"))
-    best = best_final(rows)
+def collect_rows(measure: bool, measured_cache: dict) -> list[dict]:
+    """Every finished run present under the runs folder."""
+    rows = []
+    for wl in WORKLOADS:
+        for m in METHODS:
+            for lr_folder in sorted((PATHS.runs / wl / m).glob("lr*")):
+                for sd in sorted(lr_folder.glob("seed*")):
+                    r = parse_run(wl, m, float(lr_folder.name[2:]), int(sd.name[4:]), measured_cache, measure)
+                    if r is not None:
+                        rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- the protocol
+def choose_lr(rows: list[dict], workload: str, method: str, tune_seeds: list[int]) -> tuple[float | None, dict]:
+    """The learning rate with the best mean *validation* accuracy over ``tune_seeds`` (ties: the smaller rate), and
+    the grid ``{lr: mean val acc}``. Test accuracy is never read here."""
+    grid: dict[float, list[float]] = {}
     for r in rows:
-        key = (r["workload"], r["seed"], r.get("pooling"))
-        r["best_final_acc"] = best.get(key)
-        r["rounds_to_95_best"] = first_round_reaching(r["acc_per_round"], best.get(key))
-        target = central.get(key)
-        r["target_acc"] = None if target is None else 0.95 * target
-        r["rounds_to_95"] = first_round_reaching(r["acc_per_round"], target)
+        if r["workload"] == workload and r["method"] == method and r["seed"] in tune_seeds and r["val_acc"] is not None:
+            grid.setdefault(r["lr"], []).append(r["val_acc"])
+    means = {lr: sum(v) / len(v) for lr, v in sorted(grid.items()) if len(v) == len(tune_seeds)}
+    if not means:
+        return None, {}
+    best = max(means, key=lambda lr: (means[lr], -lr))
+    return best, means
 
 
-def best_final(rows: list[dict], methods: tuple[str, ...] | None = None) -> dict[tuple, float]:
-    """(workload, seed, pooling) → the best final accuracy among ``methods`` (all methods when ``None``); runs that
-    pooled differently are never compared."""
-    best: dict[tuple, float] = {}
-    for r in rows:
-        if r["final_acc"] is not None and (methods is None or r["method"] in methods):
-            key = (r["workload"], r["seed"], r.get("pooling"))
-            best[key] = max(best.get(key, 0.0), r["final_acc"])
-    return best
-
-
-def first_round_reaching(acc: list[float | None], reference: float | None) -> int | None:
-    """First round (1-based) whose accuracy reaches 95% of ``reference``; ``None`` if never (or no reference)."""
-    if reference is None:
-        return None
-    return next((i + 1 for i, a in enumerate(acc) if a is not None and a >= 0.95 * reference), None)
-
-
-# ---------------------------------------------------------------------------------------------------- outputs
 def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -405,6 +474,63 @@ def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
     return m, s, len(vals)
 
 
+def paired_test(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Paired t-test across the seeds both have: mean and std of ``a - b``, t and two-sided p (``None``: < 2 seeds)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    from scipy.stats import ttest_rel
+
+    diffs = [a[s] - b[s] for s in seeds]
+    m, sd, n = mean_std(diffs)  # type: ignore[misc]
+    if sd == 0.0:
+        return {"seeds": seeds, "mean_diff": m, "std_diff": 0.0, "t": None, "p": None}
+    res = ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+    return {"seeds": seeds, "mean_diff": m, "std_diff": sd, "t": float(res.statistic), "p": float(res.pvalue)}
+
+
+def summarize(rows: list[dict], workloads: list[str], methods: list[str], tune_seeds: list[int],
+              seeds: list[int]) -> dict:  # fmt: skip
+    """Per workload: each method's chosen lr, validation grid, and final test results over ``seeds``; the paired
+    tests of ATLAS against the best other method and the best single-model baseline (by mean test accuracy)."""
+    out: dict[str, Any] = {}
+    for wl in workloads:
+        per_method: dict[str, Any] = {}
+        for m in methods:
+            lr, grid = choose_lr(rows, wl, m, tune_seeds)
+            if lr is None:
+                continue
+            final = [r for r in rows if r["workload"] == wl and r["method"] == m and r["lr"] == lr
+                     and r["seed"] in seeds]  # fmt: skip
+            tested = {r["seed"]: r["test_acc"] for r in final if r["test_acc"] is not None}
+            groups = sorted({g for r in final for g in r["test_group_acc"]})
+            per_method[m] = {
+                "lr": lr, "val_grid": grid, "seeds": sorted(tested), "test_by_seed": tested,
+                "test_acc": mean_std(list(tested.values())),
+                "test_group_acc": {g: mean_std([r["test_group_acc"].get(g) for r in final]) for g in groups},
+                "val_acc": mean_std([r["val_acc"] for r in final]),
+                "mean_bytes_per_round": mean_std([r["mean_bytes_per_round"] for r in final]),
+                "peak_bytes_max": mean_std([r["peak_bytes_max"] for r in final]),
+                "measured_peak": {k: mean_std([r["measured_peak"].get(k, {}).get("bytes") for r in final])
+                                  for k in ("weakest", "strongest")},
+                "wall_seconds": mean_std([r["wall_seconds"] for r in final]),
+                "rounds": max((r["rounds"] for r in final), default=None),
+            }  # fmt: skip
+        comparisons = {}
+        if "atlas" in per_method and per_method["atlas"]["test_acc"]:
+            pools = {"best other method": [m for m in per_method if not m.startswith("atlas")],
+                     "best single-model baseline": [m for m in per_method if m in SINGLE_MODEL]}  # fmt: skip
+            for label, pool in pools.items():
+                scored = [m for m in pool if per_method[m]["test_acc"] and m != "centralized_task"]
+                if scored:
+                    best = max(scored, key=lambda m: per_method[m]["test_acc"][0])
+                    test = paired_test(per_method["atlas"]["test_by_seed"], per_method[best]["test_by_seed"])
+                    comparisons[label] = {"method": best, "paired_test": test}
+        out[wl] = {"methods": per_method, "atlas_vs": comparisons}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
 def fmt(ms: tuple[float, float, int] | None, scale: float = 1.0, digits: int = 3) -> str:
     if ms is None:
         return "–"
@@ -412,41 +538,41 @@ def fmt(ms: tuple[float, float, int] | None, scale: float = 1.0, digits: int = 3
     return f"{m * scale:.{digits}f}" + (f" ± {s * scale:.{digits}f}" if n > 1 else "")
 
 
-def markdown_table(rows: list[dict], methods_order: list[str]) -> str:
+def markdown_tables(summary: dict, lrs: list[float]) -> str:
     out = []
-    for wl in [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]:
-        wrows = [r for r in rows if r["workload"] == wl]
-        groups = sorted({g for r in wrows for g in r["group_acc"]})
-        poolings = any(r.get("pooling") for r in wrows)
-        head = ["method", "seeds", "rounds", "val acc", *(["pooling"] if poolings else []),
-                *[f"acc {g}" for g in groups], "peak client MiB est. (max)",
-                "measured MiB (weakest / strongest)", "MB / round", "wall s", "rounds to 95% upper bound",
-                "rounds to 95% best"]  # fmt: skip
-        out += [f"**{wl}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        pairs = [(m, p) for m in methods_order for p in POOLING_ORDER if any(
-            r["method"] == m and r.get("pooling") == p for r in wrows)]  # fmt: skip
-        for m, pooling in pairs:
-            mr = [r for r in wrows if r["method"] == m and r.get("pooling") == pooling]
-            meas = []
-            for label in ("weakest", "strongest"):
-                vals = [r["measured_peak"].get(label, {}).get("bytes") for r in mr]
-                meas.append(fmt(mean_std(vals), 1 / MIB, 0))
-            r95 = [r["rounds_to_95"] for r in mr]
-            r95_txt = fmt(mean_std(r95), 1, 1)
-            never = sum(v is None for v in r95) if mr[0]["target_acc"] is not None else 0
-            if never:
-                r95_txt = f"{r95_txt} ({never}/{len(mr)} never)" if never < len(mr) else "never"
-            rb = [r["rounds_to_95_best"] for r in mr]
-            rb_txt = fmt(mean_std(rb), 1, 1) if any(v is not None for v in rb) else "never"
-            if 0 < sum(v is None for v in rb) < len(rb):
-                rb_txt += f" ({sum(v is None for v in rb)}/{len(rb)} never)"
-            cells = [m, ",".join(str(r["seed"]) for r in sorted(mr, key=lambda r: r["seed"])),
-                     str(mr[0]["rounds"]), fmt(mean_std([r["final_acc"] for r in mr])),
-                     *([pooling or "–"] if poolings else []),
-                     *[fmt(mean_std([r["group_acc"].get(g) for r in mr])) for g in groups],
-                     fmt(mean_std([r["peak_bytes_max"] for r in mr]), 1 / MIB, 1), " / ".join(meas),
-                     fmt(mean_std([r["mean_bytes_per_round"] for r in mr]), 1e-6, 1),
-                     fmt(mean_std([r["wall_seconds"] for r in mr]), 1, 0), r95_txt, rb_txt]  # fmt: skip
+    for wl, block in summary.items():
+        per = block["methods"]
+        if not per:
+            continue
+        groups = sorted({g for v in per.values() for g in v["test_group_acc"]})
+        head = ["method", "chosen lr", "seeds", "**test acc**", *[f"test {g}" for g in groups], "val acc",
+                "MB / round", "client peak MiB est. (max)", "measured MiB (weakest / strongest)", "wall s"]  # fmt: skip
+        out += [f"**{wl}** — test split, each method at its own learning rate (chosen on validation)", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+        for m, v in per.items():
+            meas = " / ".join(fmt(v["measured_peak"][k], 1 / MIB, 0) for k in ("weakest", "strongest"))
+            cells = [m, f"{v['lr']:g}", ",".join(map(str, v["seeds"])) or "–", f"**{fmt(v['test_acc'])}**",
+                     *[fmt(v["test_group_acc"].get(g)) for g in groups], fmt(v["val_acc"]),
+                     fmt(v["mean_bytes_per_round"], 1e-6, 2), fmt(v["peak_bytes_max"], 1 / MIB, 1), meas,
+                     fmt(v["wall_seconds"], 1, 0)]  # fmt: skip
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        for label, c in block["atlas_vs"].items():
+            t = c["paired_test"]
+            if t is None:
+                out.append(f"ATLAS vs {label} (`{c['method']}`): fewer than 2 common seeds, no test.")
+            else:
+                p = "–" if t["p"] is None else f"{t['p']:.3f}"
+                out.append(f"ATLAS vs {label} (`{c['method']}`), paired over seeds {t['seeds']}: "
+                           f"{100 * t['mean_diff']:+.1f} ± {100 * t['std_diff']:.1f} points, p = {p}.")  # fmt: skip
+        out.append("")
+        head = ["method", *[f"lr {lr:g}" for lr in lrs]]
+        out += [f"Validation accuracy of the tuning runs ({wl}; mean over the tuning seeds; chosen in bold):", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+        for m, v in per.items():
+            cells = [m] + [("–" if lr not in v["val_grid"] else
+                            (f"**{v['val_grid'][lr]:.3f}**" if lr == v["lr"] else f"{v['val_grid'][lr]:.3f}"))
+                           for lr in lrs]  # fmt: skip
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -455,17 +581,16 @@ def markdown_table(rows: list[dict], methods_order: list[str]) -> str:
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["workload", "method", "seed", "metric", "round", "value"])
+    w.writerow(["workload", "method", "lr", "seed", "metric", "round", "value"])
     for r in rows:
-        key = (r["workload"], r["method"], r["seed"])
-        w.writerow([*key, "pooling", "", r.get("pooling")])
-        for metric in ("final_acc", "peak_bytes_max", "peak_bytes_mean", "mean_bytes_per_round", "wall_seconds",
-                       "rounds_to_95", "rounds_to_95_best"):  # fmt: skip
+        key = (r["workload"], r["method"], f"{r['lr']:g}", r["seed"])
+        for metric in ("val_acc", "test_acc", "peak_bytes_max", "mean_bytes_per_round", "wall_seconds"):
             w.writerow([*key, metric, "", r[metric]])
-        for g, v in r["group_acc"].items():
-            w.writerow([*key, f"group_acc/{g}", "", v])
-        for t, v in r["task_acc"].items():
-            w.writerow([*key, f"task_acc/{t}", "", v])
+        for split in ("val", "test"):
+            for g, v in r[f"{split}_group_acc"].items():
+                w.writerow([*key, f"{split}_group_acc/{g}", "", v])
+        for t, v in r["test_task_acc"].items():
+            w.writerow([*key, f"test_task_acc/{t}", "", v])
         for label, m in r["measured_peak"].items():
             w.writerow([*key, f"measured_peak_bytes/{label}", "", m["bytes"]])
         for i, (a, b) in enumerate(zip(r["acc_per_round"], r["bytes_per_round"])):
@@ -484,103 +609,80 @@ def save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_plots(prefix: Path, rows: list[dict], methods_order: list[str]) -> list[str]:
+def write_plots(prefix: Path, rows: list[dict], summary: dict) -> list[str]:
+    """``_tuning.png`` (validation accuracy vs lr per method), ``_test.png`` (test accuracy per task group, mean and
+    std over seeds), ``_accuracy.png`` (validation accuracy per round at the chosen lr, mean and min–max band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    workloads = [wl for wl, b in summary.items() if b["methods"]]
     if not workloads:
         return []
-    # distinct colors: tab20's dark shades first, then its light ones
     colors = {m: plt.cm.tab20((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(METHODS)}
-
-    def label(wl: str, m: str) -> str:
-        pools = sorted({str(r.get("pooling")) for r in rows if r["workload"] == wl and r["method"] == m} - {"None"})
-        return f"{m} [{'+'.join(pools)}]" if pools else m
-
-    def curves(wl: str, m: str, key: str) -> np.ndarray | None:
-        mr = [r[key] for r in rows if r["workload"] == wl and r["method"] == m]
-        if not mr:
-            return None
-        n = min(len(c) for c in mr)
-        return np.array([[np.nan if v is None else v for v in c[:n]] for c in mr], dtype=float)
-
     written = []
-    # accuracy per round: methods (top row), ATLAS and its ablations (bottom row); mean over seeds, band = min..max
-    panels = [("methods", [m for m in methods_order if not m.startswith("atlas_")]),
-              ("ATLAS ablations", [m for m in methods_order if m.startswith("atlas")])]  # fmt: skip
-    fig, axes = plt.subplots(2, len(workloads), figsize=(6.5 * len(workloads), 8.5), squeeze=False)
-    for row, (title, group) in enumerate(panels):
-        for ax, wl in zip(axes[row], workloads):
-            for m in group:
-                c = curves(wl, m, "acc_per_round")
-                if c is None:
-                    continue
-                x = np.arange(1, c.shape[1] + 1)
-                ls = "--" if m.startswith("atlas_") else "-"
-                name = f"{label(wl, m)} ({c.shape[0]} seeds)"
-                ax.plot(x, c.mean(0), marker="o", ms=3, color=colors[m], label=name, ls=ls)
-                if c.shape[0] > 1:
-                    ax.fill_between(x, c.min(0), c.max(0), color=colors[m], alpha=0.12)
-            ax.set(xlabel="round", ylabel="mean val accuracy", title=f"{wl}: {title}")
-            ax.legend(fontsize=7)
+    n = len(workloads)
+
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
+        for m, v in summary[wl]["methods"].items():
+            lrs = sorted(v["val_grid"])
+            ax.plot(lrs, [v["val_grid"][lr] for lr in lrs], marker="o", ms=4, color=colors[m], label=m)
+            ax.plot([v["lr"]], [v["val_grid"][v["lr"]]], marker="*", ms=12, color=colors[m])
+        ax.set(xscale="log", xlabel="learning rate", ylabel="final mean val accuracy (tuning seeds)",
+               title=f"{wl}: tuning (star = chosen)")  # fmt: skip
+        ax.legend(fontsize=7)
+    save_fig(fig, prefix.with_name(prefix.name + "_tuning.png"))
+    written.append(prefix.name + "_tuning.png")
+
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
+        per = {m: v for m, v in summary[wl]["methods"].items() if v["test_acc"]}
+        groups = ["all", *sorted({g for v in per.values() for g in v["test_group_acc"]})]
+        width = 0.8 / max(len(per), 1)
+        for j, (m, v) in enumerate(per.items()):
+            stats = [v["test_acc"], *[v["test_group_acc"].get(g) for g in groups[1:]]]
+            means = [s[0] if s else np.nan for s in stats]
+            stds = [s[1] if s else 0.0 for s in stats]
+            ax.bar(np.arange(len(groups)) + j * width, means, width, yerr=stds, capsize=2, color=colors[m],
+                   label=f"{m} (lr {v['lr']:g}, {len(v['seeds'])} seeds)")  # fmt: skip
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+        ax.set(ylabel="test accuracy (mean ± std over seeds)", title=f"{wl}: test split", ylim=(0, 1))
+        ax.legend(fontsize=7, loc="lower right")
+    save_fig(fig, prefix.with_name(prefix.name + "_test.png"))
+    written.append(prefix.name + "_test.png")
+
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
+        for m, v in summary[wl]["methods"].items():
+            curves = [r["acc_per_round"] for r in rows if r["workload"] == wl and r["method"] == m
+                      and r["lr"] == v["lr"] and r["seed"] in v["seeds"]]  # fmt: skip
+            if not curves:
+                continue
+            k = min(len(c) for c in curves)
+            c = np.array([[np.nan if x is None else x for x in cv[:k]] for cv in curves], dtype=float)
+            x = np.arange(1, k + 1)
+            ax.plot(x, c.mean(0), marker="o", ms=3, color=colors[m], label=f"{m} (lr {v['lr']:g})")
+            if c.shape[0] > 1:
+                ax.fill_between(x, c.min(0), c.max(0), color=colors[m], alpha=0.12)
+        ax.set(xlabel="round", ylabel="mean val accuracy", title=f"{wl}: chosen lr, band = min..max over seeds")
+        ax.legend(fontsize=7)
     save_fig(fig, prefix.with_name(prefix.name + "_accuracy.png"))
     written.append(prefix.name + "_accuracy.png")
-    # accuracy vs bytes communicated
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
-    for ax, wl in zip(axes[0], workloads):
-        for m in methods_order:
-            a, b = curves(wl, m, "acc_per_round"), curves(wl, m, "bytes_cumulative")
-            if a is None or b is None:
-                continue
-            n = min(a.shape[1], b.shape[1])
-            ax.plot(b[:, :n].mean(0) / 1e6, a[:, :n].mean(0), marker="o", ms=3, color=colors[m], label=label(wl, m),
-                    ls="--" if m.startswith("atlas_") else "-")  # fmt: skip
-        ax.set(xlabel="cumulative MB communicated (up + down)", ylabel="mean val accuracy", title=wl, xscale="log")
-        ax.legend(fontsize=7)
-    save_fig(fig, prefix.with_name(prefix.name + "_acc_vs_bytes.png"))
-    written.append(prefix.name + "_acc_vs_bytes.png")
-    # memory per client
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
-    for ax, wl in zip(axes[0], workloads):
-        present = [m for m in methods_order if any(r["workload"] == wl and r["method"] == m for r in rows)]
-        width = 0.8 / max(len(present), 1)
-        budgets = None
-        for j, m in enumerate(present):
-            r = next(r for r in rows if r["workload"] == wl and r["method"] == m)
-            peaks = np.array(r["client_peak_bytes"]) / MIB
-            ax.bar(np.arange(len(peaks)) + j * width, peaks, width, color=colors[m], label=label(wl, m))
-            budgets = budgets or r["client_budget_bytes"]
-        if budgets:
-            for i, b in enumerate(budgets):
-                ax.hlines(b / MIB, i - 0.1, i + 0.9, color="k", lw=1, label="budget" if i == 0 else None)
-        ax.set(xlabel="client", ylabel="estimated peak client memory (MiB)", yscale="log", title=wl, ylim=(50, None))
-        ax.legend(fontsize=7, loc="center right")
-    save_fig(fig, prefix.with_name(prefix.name + "_memory.png"))
-    written.append(prefix.name + "_memory.png")
     return written
 
 
-def write_readme() -> None:
-    """Rewrite the block between the markers from ``compare.json`` (main grid) and ``compare_quick.json``."""
-    parts = [f"_Generated by `benchmarks/compare.py` ({time.strftime('%Y-%m-%d %H:%M')})._"]
-    for name, title in (("compare.json", "Main grid"), ("compare_quick.json", "Quick run (`--quick`)")):
-        path = RESULTS / name
-        if not path.exists():
-            continue
-        d = json.loads(path.read_text())
-        m = d["machine"]
-        parts.append(
-            f"#### {title}\n\n```bash\n{d['command']}\n```\n\nMachine: {m.get('cpu', m['processor'])}, "
-            f"{m['cpu_count']} cores, torch {m['torch']}, one torch thread per run, two runs at a time.\n\n"
-            f"{d['table']}"
-        )
-    found = [RESULTS / n for n in ("compare.json", "compare_quick.json") if (RESULTS / n).exists()]
-    notes = json.loads(found[0].read_text()).get("notes", "") if found else ""
-    block = BEGIN + "\n" + "\n\n".join(parts) + ("\n\n" + notes if notes else "") + "\n" + END
+def write_readme(summary_json: Path) -> None:
+    """Rewrite the block between the markers from ``compare.json``."""
+    d = json.loads(summary_json.read_text())
+    m = d["machine"]
+    where = m.get("cuda") or f"{m.get('cpu', m['processor'])}, {m['cpu_count']} cores"
+    block = (f"{BEGIN}\n_Generated by `benchmarks/compare.py` ({time.strftime('%Y-%m-%d %H:%M')})._\n\n"
+             f"```bash\n{d['command']}\n```\n\nMachine: {where}, torch {m['torch']}, one torch thread per run. "
+             f"Learning-rate grid {d['lrs']}, tuning seeds {d['tune_seeds']}, final seeds {d['seeds']}.\n\n"
+             f"{d['table']}\n{d['notes']}\n{END}")  # fmt: skip
     text = README.read_text()
     if BEGIN in text and END in text:
         pre, rest = text.split(BEGIN, 1)
@@ -590,105 +692,95 @@ def write_readme() -> None:
     atomic_write_text(README, text)
 
 
-def report(command: str | None, measure: bool, quick: bool = False) -> list[dict]:
-    """Parse every run present under ``compare_runs`` (``compare_runs_quick``) and rewrite all outputs."""
-    prefix = RESULTS / ("compare_quick" if quick else "compare")
-    out_json = prefix.with_suffix(".json")
+NOTES = (
+    "Each method's learning rate is the one with the best final mean validation accuracy over the tuning seeds "
+    "(validation split only); `test acc` is the final round's mean accuracy over every client's test split at that "
+    "rate, mean ± sample std over the final seeds; `test <group>`: mean over the group's tasks; `val acc`: the "
+    "same runs' final validation accuracy; `MB / round`: mean up + down bytes per round (activations, gradients and "
+    "adapters); `client peak MiB est.`: the largest estimated client peak (RankAllocation's `allocation.json`, or "
+    "`estimate_client_memory` at the config's rank); `measured`: one client step of the weakest / strongest "
+    "client's rank, torch profiler on CPU (random weights of the same shape). The paired t-test compares ATLAS with "
+    "the method of the best mean test accuracy, seed by seed."
+)
+
+
+def report(command: str | None, measure: bool, workloads: list[str], methods: list[str], lrs: list[float],
+           tune_seeds: list[int], seeds: list[int]) -> dict:  # fmt: skip
+    """Parse every run present and rewrite ``compare.json``, ``compare.csv``, the plots and the README block."""
+    out_json = PATHS.prefix.with_suffix(".json")
     old = json.loads(out_json.read_text()) if out_json.exists() else {}
-    measured_cache: dict = {}
-    for other in ("compare_quick.json", "compare.json"):  # same shapes (batch, length, cut): reuse measurements
-        if (RESULTS / other).exists():
-            measured_cache.update(json.loads((RESULTS / other).read_text()).get("measured_cache", {}))
+    measured_cache: dict = dict(old.get("measured_cache", {}))
     command = command or old.get("command", "")  # --report-only keeps the command that produced the runs
-    rows = []
-    for wl in WORKLOADS:
-        for m in METHODS:
-            folder = RUNS / wl / m
-            if not folder.exists():
-                continue
-            for sd in sorted(folder.glob("seed*")):
-                r = parse_run(wl, m, int(sd.name[4:]), measured_cache, measure)
-                if r is not None:
-                    rows.append(r)
-    add_rounds_to_target(rows)
-    order = list(METHODS)
-    machine = machine_info()
-    notes = (
-        "Mean ± std over seeds (sample std; no ± with one seed). `val acc`: final mean validation accuracy over "
-        "all clients; `acc <group>`: mean of the group's tasks' final accuracies; `peak client MiB est.`: the largest "
-        "estimated client peak (RankAllocation's `allocation.json`, or `estimate_client_memory` at `lora_rank` for "
-        "methods without it); `pooling` (encoder classifiers): what the head reads, `mean` = the attention-mask-"
-        "weighted mean of the last hidden states (the default for all-MiniLM-L6-v2 since the `pooling` option), "
-        "`pooler` = the checkpoint's pooler, which all-MiniLM-L6-v2 ships untrained (runs from before the option); a "
-        "method with runs of both pooling modes gets one row per mode, and the `rounds to 95%` columns compare only "
-        "runs of the same pooling (`–`: no reference run of that pooling); `measured`: one client step (forward, "
-        "backward of ∂L/∂h, AdamW) of the weakest / "
-        "strongest client's rank, torch profiler on CPU (`memory_model.py`'s worker; random weights of the same "
-        "shape); `MB / round`: mean per round of the up + down bytes; `rounds to 95% upper bound`: first round "
-        "whose accuracy reaches 95% of the better final accuracy of `centralized` and `centralized_task` (same "
-        "seed); `rounds to 95% best`: the same "
-        "against the best final accuracy of any method in the table (same seed)."
-    )
-    table = markdown_table(rows, order)
-    plots = write_plots(prefix, rows, order)
-    atomic_write_text(
-        out_json,
-        json.dumps(
-            {
-                "command": command,
-                "machine": machine,
-                "methods": DESCRIPTION,
-                "plots": plots,
-                "notes": notes,
-                "table": table,
-                "measured_cache": measured_cache,
-                "runs": rows,
-            },
-            indent=1,
-            default=str,
-        ),  # fmt: skip
-    )
-    write_csv(prefix.with_suffix(".csv"), rows)
-    write_readme()
+    rows = collect_rows(measure, measured_cache)
+    summary = summarize(rows, workloads, methods, tune_seeds, seeds)
+    table = markdown_tables(summary, lrs)
+    plots = write_plots(PATHS.prefix, rows, summary)
+    PATHS.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_json, json.dumps(
+        {"command": command, "machine": machine_info(), "lrs": lrs, "tune_seeds": tune_seeds, "seeds": seeds,
+         "methods": {m: DESCRIPTION[m] for m in methods}, "plots": plots, "notes": NOTES, "table": table,
+         "summary": summary, "measured_cache": measured_cache, "runs": rows}, indent=1, default=str))  # fmt: skip
+    write_csv(PATHS.prefix.with_suffix(".csv"), rows)
+    if PATHS.results == DEFAULT_RESULTS and PATHS.prefix.name == "compare":
+        write_readme(out_json)
     print(table)
-    return rows
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", nargs="+", default=["minilm", "smollm2"], choices=list(WORKLOADS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--workloads", nargs="+", default=["minilm"], choices=list(WORKLOADS))
+    p.add_argument("--methods", nargs="+", default=MAIN_METHODS, choices=list(METHODS))
+    p.add_argument("--lrs", nargs="+", type=float, default=LRS, help="the learning-rate grid every method tunes over")
+    p.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds of the tuning runs")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final (test) runs")
     p.add_argument("--rounds", type=int, default=None, help="override trainer.max_epochs")
-    p.add_argument("--quick", action="store_true", help="minilm, seed 0, 5 methods, 3 short rounds")
-    p.add_argument("--jobs", type=int, default=2, help="fit subprocesses at a time (one torch thread each)")
-    p.add_argument("--force", action="store_true", help="redo runs whose results.json exists")
+    p.add_argument("--quick", action="store_true", help="minilm, lrs 1e-3 5e-3, seeds 0 1, 2 short rounds")
+    p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time (one torch thread each)")
+    p.add_argument("--force", action="store_true", help="redo runs that are done")
     p.add_argument("--report-only", action="store_true", help="parse the runs present and rewrite the outputs")
     p.add_argument("--no-measure", action="store_true", help="skip the measured client step peaks")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of the runs and outputs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.workloads, args.lrs, args.tune_seeds, args.seeds, args.rounds = ["minilm"], [1e-3, 5e-3], [0], [0, 1], 2
+    if any(lr <= 0 for lr in args.lrs):
+        p.error(f"--lrs must be positive, got {args.lrs}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)])
-    global RUNS
-    if args.quick:
-        args.workloads, args.seeds, args.rounds = ["minilm"], [0], 3
-        if args.methods == list(METHODS):
-            args.methods = QUICK_METHODS
-        RUNS = RESULTS / "compare_runs_quick"
+    global PATHS
+    PATHS = Paths(args.results, args.quick)
+    failed: list[dict] = []
     if not args.report_only:
-        runs = [
-            build_run(wl, m, s, args.rounds, args.quick)
-            for s in args.seeds
-            for wl in args.workloads
-            for m in args.methods
-        ]
-        todo = [{**r, "force": args.force} for r in runs if args.force or not is_done(r["folder"])]
-        print(f"{len(runs)} runs, {len(runs) - len(todo)} done already, {len(todo)} to run")
-        run_all(todo, args.jobs)
-    report(None if args.report_only else command, measure=not args.no_measure, quick=args.quick)
+
+        def plan(runs: list[dict], test: bool) -> list[dict]:
+            todo = [{**r, "force": args.force} for r in runs if args.force or not is_done(r["folder"], test)]
+            print(f"{len(runs)} runs, {len(runs) - len(todo)} done already, {len(todo)} to run")
+            return todo
+
+        tune = [build_run(wl, m, lr, s, args.rounds, args.quick) for s in args.tune_seeds for wl in args.workloads
+                for m in args.methods for lr in args.lrs]  # fmt: skip
+        failed += run_all(plan(tune, test=False), args.jobs, "tune")
+        args.force = False  # the final stage reuses the tuning runs just made
+        rows = collect_rows(False, {})
+        final = []
+        for wl in args.workloads:
+            for m in args.methods:
+                lr, _ = choose_lr(rows, wl, m, args.tune_seeds)
+                if lr is not None:
+                    final += [build_run(wl, m, lr, s, args.rounds, args.quick, test=True) for s in args.seeds]
+        failed += run_all(plan(final, test=True), args.jobs, "final")
+    summary = report(None if args.report_only else command, not args.no_measure, args.workloads, args.methods,
+                     args.lrs, args.tune_seeds, args.seeds)  # fmt: skip
+    if failed:
+        names = ", ".join(f"{r['workload']}/{r['method']}/{lr_tag(r['lr'])}/seed{r['seed']}" for r in failed)
+        sys.exit(f"{len(failed)} runs failed ({names}); see log.txt in their folders, then run the same command again")
+    return summary
 
 
 if __name__ == "__main__":

