@@ -38,7 +38,8 @@ def test_every_baseline_config_parses_on_top_of_the_demo(baseline: Path, capsys)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["share"] in ("none", "server", "all")
     names = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
-    assert ("ClusterAggregation" in names) == (printed["model"]["share"] != "all" and baseline.stem != "local")
+    aggregates = "ClusterAggregation" in names or "GraphAggregation" in names
+    assert aggregates == (printed["model"]["share"] != "all" and baseline.stem != "local")
     assert baseline.read_text().startswith("#"), "each config opens with a header giving its command"
 
 

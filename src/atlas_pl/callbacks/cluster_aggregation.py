@@ -90,16 +90,7 @@ class ClusterAggregation(Callback):
         Raises:
             ValueError: The method cannot serve these clusters (FLoRA with several) or these adapters.
         """
-        sides = tuple(module.adapter_sides())
-        local = list(module.local_clients())
-        clusters = {c: int(module.cluster_of(c)) for c in local}
-        sent: dict[tuple[int, str], AdapterUpdate] = {
-            (c, s): module.pull(c, s) for c in module.participants() for s in sides
-        }
-        if is_distributed():
-            shared = gather_objects((clusters, {k: u.cpu() for k, u in sent.items()}))
-            clusters = {c: k for part, _ in shared for c, k in part.items()}
-            sent = {key: u for _, part in shared for key, u in part.items()}
+        sides, local, clusters, sent = collect_updates(module)
         self.method.check_clusters(len(set(clusters.values())))
         metrics: dict[str, float] = {}
         for cluster in sorted(set(clusters.values())):
@@ -124,6 +115,26 @@ class ClusterAggregation(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_round = int(state_dict.get("last_round", -1))
+
+
+def collect_updates(
+    module: Any,
+) -> tuple[tuple[str, ...], list[int], dict[int, int], dict[tuple[int, str], AdapterUpdate]]:
+    """What one aggregation starts from, under several processes gathered from all of them (one collective).
+
+    Returns:
+        The adapter sides, this process's hosted clients, every client's cluster, and every participant's pulled
+        update per ``(client, side)``.
+    """
+    sides = tuple(module.adapter_sides())
+    local = list(module.local_clients())
+    clusters = {c: int(module.cluster_of(c)) for c in local}
+    sent = {(c, s): module.pull(c, s) for c in module.participants() for s in sides}
+    if is_distributed():
+        shared = gather_objects((clusters, {k: u.cpu() for k, u in sent.items()}))
+        clusters = {c: k for part, _ in shared for c, k in part.items()}
+        sent = {key: u for _, part in shared for key, u in part.items()}
+    return sides, local, clusters, sent
 
 
 def report_metrics(report: AggregationReport, cluster: int, side: str, members: list[int]) -> dict[str, float]:
