@@ -54,14 +54,25 @@ BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 ATLAS_PL = str(Path(sys.executable).with_name("atlas-pl"))
 MIB = 2**20
 
-# workload -> (base config, extra command-line overrides)
-WORKLOADS: dict[str, tuple[str, list[str]]] = {
-    "minilm": ("configs/minilm.yaml", []),
+
+def _flipped(task: str, group: str) -> dict:
+    """``task`` with its two label words swapped: the same texts, the opposite answer (a conflicting task)."""
+    return {"name": f"{task}_flipped", "path": f"../shared/data/{task}", "group": group,
+            "label_words": [" positive", " negative"]}  # fmt: skip
+
+
+# workload -> (base config, overrides of the base config written into every run's overlay)
+WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
+    "minilm": ("configs/minilm.yaml", {}),
     # data-scarce: 3x the clients, each with 50 examples (40 to train, 10 to validate), 4 local steps per round
-    "minilm_scarce": ("configs/minilm.yaml", ["--data.num_clients", "36", "--data.max_examples_per_client", "50",
-                                              "--data.local_steps", "4"]),
-    "smollm2": ("configs/smollm2.yaml", []),
-    "demo": ("configs/demo.yaml", []),  # synthetic tasks, random weights: exercises the protocol in seconds
+    "minilm_scarce": ("configs/minilm.yaml", {"data": {"num_clients": 36, "max_examples_per_client": 50,
+                                                       "local_steps": 4}}),
+    "smollm2": ("configs/smollm2.yaml", {}),
+    # conflict: a causal LM answers with label words shared by all tasks, and two tasks answer the opposite word for
+    # the same kind of text (sst2 / mr with the words swapped), so one shared model is pulled two ways
+    "smollm2_conflict": ("configs/smollm2.yaml", {"data": {"tasks": [
+        "sst2", _flipped("sst2", "sentiment_flipped"), "mr", _flipped("mr", "sentiment_flipped"), "ag_news", "trec"]}}),
+    "demo": ("configs/demo.yaml", {}),  # synthetic tasks, random weights: exercises the protocol in seconds
 }  # fmt: skip
 # method -> (baseline config, ablation); ablations are applied on top of the baseline config
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -140,7 +151,12 @@ def deep_get(d: dict, *keys: str, default: Any = None) -> Any:
 
 
 def base_config(workload: str) -> dict:
-    return load_yaml(ROOT / WORKLOADS[workload][0])
+    """The workload's base config with its overrides applied (what every run of the workload starts from)."""
+    config, overrides = WORKLOADS[workload]
+    base = load_yaml(ROOT / config)
+    for section, values in overrides.items():
+        base[section] = {**base.get(section, {}), **values}
+    return base
 
 
 def task_groups(base: dict) -> dict[str, str]:
@@ -148,9 +164,10 @@ def task_groups(base: dict) -> dict[str, str]:
     data_dir = ROOT / deep_get(base, "data", "data_dir", default="../shared/data")
     out = {}
     for t in deep_get(base, "data", "tasks", default=None) or []:
-        name = t if isinstance(t, str) else t.get("name")
-        meta = data_dir / name / "meta.json"
-        out[name] = json.loads(meta.read_text()).get("group", name) if meta.exists() else name
+        spec = {"name": t} if isinstance(t, str) else t
+        meta = (ROOT / spec["path"] if spec.get("path") else data_dir / spec["name"]) / "meta.json"
+        group = json.loads(meta.read_text()).get("group", spec["name"]) if meta.exists() else spec["name"]
+        out[spec["name"]] = spec.get("group", group)
     return out
 
 
@@ -205,9 +222,9 @@ def build_run(workload: str, method: str, lr: float, seed: int, rounds: int | No
               test: bool = False) -> dict:  # fmt: skip
     """The commands and overlay of one run (nothing is executed): the fit, and with ``test`` the test after it."""
     baseline, ablation = METHODS[method]
-    base_cfg, extra = WORKLOADS[workload]
+    base_cfg, overrides = WORKLOADS[workload]
     method_cfg = f"configs/baselines/{baseline}.yaml"
-    base, over = load_yaml(ROOT / base_cfg), load_yaml(ROOT / method_cfg)
+    base, over = base_config(workload), load_yaml(ROOT / method_cfg)
     callbacks = deep_get(over, "trainer", "callbacks", default=deep_get(base, "trainer", "callbacks", default=[]))
     callbacks = [dict(c) for c in callbacks or [] if "Checkpoint" not in c.get("class_path", "")]
     groups = task_groups(base)
@@ -230,15 +247,16 @@ def build_run(workload: str, method: str, lr: float, seed: int, rounds: int | No
                       "init_args": {"dirpath": f"{rel}/checkpoints"}})  # fmt: skip
     logger = {"save_dir": os.path.relpath(folder.parents[1], ROOT), "name": lr_tag(lr), "version": f"seed{seed}"}
     overlay = {
+        **overrides,
         "trainer": {
             "callbacks": callbacks,
             "enable_progress_bar": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": logger},
-        }
+        },
     }
     configs = ["--config", base_cfg, "--config", method_cfg, "--config", f"{rel}/overlay.yaml"]
     common = [*configs, "--seed_everything", str(seed), "--data.seed", str(seed), "--model.learning_rate", f"{lr:g}"]
-    common += extra + (QUICK_ARGS if quick else [])
+    common += QUICK_ARGS if quick else []
     fit = [ATLAS_PL, "fit", *common] + (["--trainer.max_epochs", str(rounds)] if rounds is not None else [])
     tested = [ATLAS_PL, "test", *common, "--ckpt_path", f"{rel}/checkpoints/last.ckpt"] if test else None
     return {"workload": workload, "method": method, "lr": lr, "seed": seed, "folder": folder, "overlay": overlay,
@@ -409,7 +427,7 @@ def parse_run(workload: str, method: str, lr: float, seed: int, measured_cache: 
         weak = min(range(len(alloc)), key=lambda i: (budgets[i], i))
         strong = max(range(len(alloc)), key=lambda i: (budgets[i], -i))
         mem_source = "allocation.json"
-    elif workload in ("demo",):
+    elif workload == "demo":
         peaks, budgets, ranks, weak, strong, mem_source = [0], [], [rank], 0, 0, "none (demo)"
     else:
         n = len(res.get("cluster_ids") or []) or int(deep_get(base, "data", "num_clients", default=1))

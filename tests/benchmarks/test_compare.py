@@ -41,8 +41,12 @@ def test_every_method_runs_the_same_base_config_seed_and_learning_rate_with_its_
         assert cmd[cmd.index("--model.learning_rate") + 1] == "0.002"
         assert run["folder"] == compare.PATHS.runs / "minilm" / run["method"] / "lr0.002" / "seed3"
         checkpoints = [c for c in run["overlay"]["trainer"]["callbacks"] if "Checkpoint" in c["class_path"]]
-        assert checkpoints == [{"class_path": "atlas_pl.callbacks.RoundCheckpoint",
-                                "init_args": {"dirpath": os.path.relpath(run["folder"], ROOT) + "/checkpoints"}}]
+        assert checkpoints == [
+            {
+                "class_path": "atlas_pl.callbacks.RoundCheckpoint",
+                "init_args": {"dirpath": os.path.relpath(run["folder"], ROOT) + "/checkpoints"},
+            }
+        ]
         assert run["test_cmd"] is None  # tuning runs are never tested
     assert _callback(runs["atlas_random"], "TaskClustering")["init_args"] == {"num_clusters": 4, "assign": "random"}
     assert _callback(runs["fltac"], "TaskClustering")["init_args"]["num_clusters"] == 6  # K = number of tasks
@@ -53,10 +57,29 @@ def test_every_method_runs_the_same_base_config_seed_and_learning_rate_with_its_
     assert _callback(runs["atlas_zero_pad"], "ClusterAggregation")["init_args"]["method"]["class_path"].endswith("Pad")
     assert _callback(runs["centralized_task"], "TaskClustering")["init_args"] == {"assign": "true_task"}
     scarce = compare.build_run("minilm_scarce", "atlas", 1e-3, 0, rounds=3, test=True)
-    assert scarce["cmd"][scarce["cmd"].index("--data.num_clients") + 1] == "36"
+    assert scarce["overlay"]["data"] == {"num_clients": 36, "max_examples_per_client": 50, "local_steps": 4}
+    assert compare.base_config("minilm_scarce")["data"]["num_clients"] == 36
     assert scarce["cmd"][scarce["cmd"].index("--trainer.max_epochs") + 1] == "3"
     test = scarce["test_cmd"]
     assert test[1] == "test" and test[test.index("--ckpt_path") + 1].endswith("lr0.001/seed0/checkpoints/last.ckpt")
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data beside the checkout")
+def test_the_conflict_workload_adds_tasks_that_answer_the_opposite_label_word_for_the_same_texts() -> None:
+    from atlas_pl.data.sources import load_task
+
+    groups = compare.task_groups(compare.base_config("smollm2_conflict"))
+    assert groups["sst2"] == "sentiment" and groups["sst2_flipped"] == "sentiment_flipped"
+    specs = compare.build_run("smollm2_conflict", "atlas", 1e-3, 0)["overlay"]["data"]["tasks"]
+    flipped = next(t for t in specs if isinstance(t, dict) and t["name"] == "sst2_flipped")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the runs execute in the checkout: the task path is relative to it
+    try:
+        plain, swapped = load_task("sst2", data_dir=str(SHARED)), load_task(flipped)
+    finally:
+        os.chdir(cwd)
+    assert plain.label_words == [" negative", " positive"] and swapped.label_words == [" positive", " negative"]
+    assert plain.train[0]["text"] == swapped.train[0]["text"] and plain.train[0]["label"] == swapped.train[0]["label"]
 
 
 def test_the_learning_rate_is_chosen_on_validation_only_over_every_tuning_seed() -> None:
