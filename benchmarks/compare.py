@@ -91,6 +91,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "atlas_random": ("atlas", {"TaskClustering": {"assign": "random", "num_clusters": "GROUPS"}}),
     "atlas_one": ("atlas", {"TaskClustering": {"assign": "one"}}),
     "atlas_uniform": ("atlas", {"RankAllocation": {"pattern": "uniform"}}),
+    "atlas_reset": ("atlas", {"ClusterAggregation": {"reset_optimizer": True}}),
 }
 DESCRIPTION = {
     "atlas": "ATLAS: fingerprint clusters, importance ranks fitted to budgets, exact per-cluster merge",
@@ -108,6 +109,7 @@ DESCRIPTION = {
     "atlas_random": "ATLAS with random clusters (K = number of task groups)",
     "atlas_one": "ATLAS with one cluster",
     "atlas_uniform": "ATLAS with uniform rank pattern instead of importance",
+    "atlas_reset": "ATLAS forgetting the AdamW moments of every merged adapter (they describe the old factors)",
 }
 # one model for everybody: the baselines ATLAS must at least match
 SINGLE_MODEL = ("centralized", "splitlora", "hsplitlora", "flexlora")

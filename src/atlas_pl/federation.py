@@ -209,6 +209,20 @@ class Federation(L.LightningModule):
         self.roster.push(client, side, update)
         self.channel.send_adapters(0, self.backbone.bank.nbytes(self.roster.adapter(client, side)), client_idx=client)
 
+    def reset_optimizer_state(self, client: int, side: Side) -> None:
+        """Forget the AdamW moments of ``client``'s adapter on ``side`` (its next step starts them afresh).
+
+        After a merge re-decomposes an adapter into new factors, moments kept from the old factors describe another
+        basis; ``ClusterAggregation(reset_optimizer=True)`` calls this for every member it pushed to.
+        """
+        if self._trainer is None or not getattr(self, "_client_opt_index", None):
+            return  # no optimizers yet: nothing to forget
+        opt = cast(list, self.optimizers())[self.optimizer_index(client)[0 if side == "client" else 1]]
+        inner = getattr(opt, "optimizer", opt)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state.pop(param, None)
+
     def _sync_clients(self) -> None:
         for idx, client in enumerate(self.clients):
             client.client_adapter = self.roster.adapter(idx, "client")

@@ -202,3 +202,24 @@ def test_bad_client_attribute_values_are_rejected_at_fit_start(fast_trainer_kwar
         trainer.fit(BareLoraModule(**{"cluster_id": 0, **attributes}))
     assert needle in str(info.value)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_reset_optimizer_forgets_the_moments_of_every_member_that_received_a_merge(
+    fast_trainer_kwargs, seeded, reset
+) -> None:
+    fed = _fit([ClusterAggregation("exact", reset_optimizer=reset)], fast_trainer_kwargs)
+    merged = fed.adapter_sides()
+    assert merged == ("client",)  # share="server": one server adapter per cluster, nothing to merge there
+    for idx in range(4):
+        for side, opt_idx in zip(("client", "server"), fed.optimizer_index(idx)):
+            optimizer = fed.optimizers()[opt_idx].optimizer
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            forgotten = reset and side in merged
+            assert params and all((p in optimizer.state) != forgotten for p in params)
+
+
+
+def test_reset_optimizer_on_a_module_without_reset_optimizer_state_fails_at_setup() -> None:
+    with pytest.raises(FederationProtocolError, match=r"reset_optimizer_state\(client, side\)"):
+        ClusterAggregation(reset_optimizer=True).setup(L.Trainer(logger=False), BareLoraModule(), "fit")

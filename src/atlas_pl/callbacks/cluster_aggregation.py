@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from atlas_pl.algorithms.aggregation import AggregationMethod, AggregationReport, aggregation_method
 from atlas_pl.distributed import gather_objects, is_distributed
-from atlas_pl.protocol import AdapterExchange, AdapterUpdate, require
+from atlas_pl.protocol import AdapterExchange, AdapterUpdate, FederationProtocolError, require
 
 
 class ClusterAggregation(Callback):
@@ -35,10 +35,16 @@ class ClusterAggregation(Callback):
             ``{class_path: atlas_pl.algorithms.Exact}``; also ``FedAvg``, ``ZeroPad``, ``DenseSVD``, ``FLoRA``) or its
             name (``exact``, ``fedavg``, ``zero_pad``, ``dense_svd``, ``flora``).
         every_n_rounds: Aggregate after every N-th round (epoch).
+        reset_optimizer: Also forget each member's AdamW moments after it receives the merge (the module's
+            ``reset_optimizer_state(client, side)``): the merged factors are a new basis, the kept moments belong to
+            the old one. Off by default (the moments are kept, as in every baseline).
     """
 
-    def __init__(self, method: AggregationMethod | str = "exact", every_n_rounds: int = 1) -> None:
+    def __init__(
+        self, method: AggregationMethod | str = "exact", every_n_rounds: int = 1, reset_optimizer: bool = False
+    ) -> None:
         self.method = aggregation_method(method)
+        self.reset_optimizer = bool(reset_optimizer)
         if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
             raise ValueError(f"`every_n_rounds` must be an int >= 1, got {every_n_rounds!r}")
         self.every_n_rounds = every_n_rounds
@@ -54,6 +60,12 @@ class ClusterAggregation(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             require(pl_module, AdapterExchange, "ClusterAggregation")
+            if self.reset_optimizer and not callable(getattr(pl_module, "reset_optimizer_state", None)):
+                raise FederationProtocolError(
+                    f"ClusterAggregation(reset_optimizer=True) needs {type(pl_module).__name__}."
+                    "reset_optimizer_state(client, side); implement it (see Federation.reset_optimizer_state) or set "
+                    "reset_optimizer=False"
+                )
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -102,6 +114,8 @@ class ClusterAggregation(Callback):
                 updates, report = self.method.aggregate(senders, [module.adapter_layout(c, side) for c in members])
                 for client, update in zip(members, updates):
                     module.push(client, side, update)
+                    if self.reset_optimizer:
+                        module.reset_optimizer_state(client, side)
                 if side == "client":
                     self.reports[cluster] = report
                 metrics.update(report_metrics(report, cluster, side, members))
