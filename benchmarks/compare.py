@@ -92,6 +92,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "atlas_one": ("atlas", {"TaskClustering": {"assign": "one"}}),
     "atlas_uniform": ("atlas", {"RankAllocation": {"pattern": "uniform"}}),
     "atlas_reset": ("atlas", {"ClusterAggregation": {"reset_optimizer": True}}),
+    "atlas_mix": ("atlas", {"ClusterAggregation": {"global_weight": 0.25}}),
+    "atlas_update": ("atlas", {"TaskClustering": {"signal": "update", "num_batches": 8}}),
 }
 DESCRIPTION = {
     "atlas": "ATLAS: fingerprint clusters, importance ranks fitted to budgets, exact per-cluster merge",
@@ -109,6 +111,8 @@ DESCRIPTION = {
     "atlas_random": "ATLAS with random clusters (K = number of task groups)",
     "atlas_one": "ATLAS with one cluster",
     "atlas_uniform": "ATLAS with uniform rank pattern instead of importance",
+    "atlas_mix": "ATLAS with each cluster's merge mixed with the merge of all clients (global_weight 0.25)",
+    "atlas_update": "ATLAS clustering on the adapters' change after one round of local steps instead of grad_B",
     "atlas_reset": "ATLAS forgetting the AdamW moments of every merged adapter (they describe the old factors)",
 }
 # one model for everybody: the baselines ATLAS must at least match

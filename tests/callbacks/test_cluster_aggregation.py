@@ -219,7 +219,29 @@ def test_reset_optimizer_forgets_the_moments_of_every_member_that_received_a_mer
             assert params and all((p in optimizer.state) != forgotten for p in params)
 
 
-
 def test_reset_optimizer_on_a_module_without_reset_optimizer_state_fails_at_setup() -> None:
     with pytest.raises(FederationProtocolError, match=r"reset_optimizer_state\(client, side\)"):
         ClusterAggregation(reset_optimizer=True).setup(L.Trainer(logger=False), BareLoraModule(), "fit")
+
+
+def test_global_weight_gives_members_the_hand_mixture_of_their_cluster_merge_and_the_merge_of_all(
+    fast_trainer_kwargs, seeded
+) -> None:
+    probe, beta = BeforeAggregation(), 0.3
+    fed = _fit([probe, ClusterAggregation("exact", global_weight=beta)], fast_trainer_kwargs)
+    n = np.array(fed.num_examples, dtype=np.float64)
+
+    def merge(module: str, members: list[int]) -> np.ndarray:
+        p = n[members] / n[members].sum()
+        return sum(p[k] * s * (b.double() @ a.double()).numpy()
+                   for k, (a, b, s) in enumerate(probe.factors[i][module] for i in members))  # fmt: skip
+
+    for members in ([0, 1], [2, 3]):
+        for module in probe.factors[0]:
+            hand = (1 - beta) * merge(module, members) + beta * merge(module, [0, 1, 2, 3])
+            for i in members:
+                a, b, s = fed.backbone.bank.factors(fed.clients[i].client_adapter)[module]
+                after = s * (b.detach().double() @ a.detach().double()).numpy()
+                np.testing.assert_allclose(after, _best_rank(hand, a.shape[0]), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="`global_weight` must be a number in"):
+        ClusterAggregation(global_weight=1.5)

@@ -10,6 +10,7 @@ the senders are gathered across processes with ``torch.distributed``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -35,15 +36,27 @@ class ClusterAggregation(Callback):
             ``{class_path: atlas_pl.algorithms.Exact}``; also ``FedAvg``, ``ZeroPad``, ``DenseSVD``, ``FLoRA``) or its
             name (``exact``, ``fedavg``, ``zero_pad``, ``dense_svd``, ``flora``).
         every_n_rounds: Aggregate after every N-th round (epoch).
+        global_weight: ``β`` in ``ΔW_c ← (1 − β) ΔW_c + β ΔW_all``: each cluster's merge leans toward the merge of
+            every client (0 = per-cluster only, ATLAS as specified; 1 = one global model). Done exactly by weighting
+            the senders: client ``i`` counts ``(1 − β) n_i / N_c`` in its own cluster plus ``β n_i / N`` in every
+            cluster.
         reset_optimizer: Also forget each member's AdamW moments after it receives the merge (the module's
             ``reset_optimizer_state(client, side)``): the merged factors are a new basis, the kept moments belong to
             the old one. Off by default (the moments are kept, as in every baseline).
     """
 
     def __init__(
-        self, method: AggregationMethod | str = "exact", every_n_rounds: int = 1, reset_optimizer: bool = False
+        self,
+        method: AggregationMethod | str = "exact",
+        every_n_rounds: int = 1,
+        global_weight: float = 0.0,
+        reset_optimizer: bool = False,
     ) -> None:
         self.method = aggregation_method(method)
+        number = isinstance(global_weight, (int, float)) and not isinstance(global_weight, bool)
+        if not number or not 0 <= global_weight <= 1:
+            raise ValueError(f"`global_weight` must be a number in [0, 1], got {global_weight!r}")
+        self.global_weight = float(global_weight)
         self.reset_optimizer = bool(reset_optimizer)
         if isinstance(every_n_rounds, bool) or not isinstance(every_n_rounds, int) or every_n_rounds < 1:
             raise ValueError(f"`every_n_rounds` must be an int >= 1, got {every_n_rounds!r}")
@@ -111,6 +124,8 @@ class ClusterAggregation(Callback):
                 senders = [u for (c, s), u in sorted(sent.items()) if s == side and clusters[c] == cluster]
                 if not senders or not members:
                     continue
+                if self.global_weight > 0:
+                    senders = mixed_senders(sent, clusters, cluster, side, self.global_weight)
                 updates, report = self.method.aggregate(senders, [module.adapter_layout(c, side) for c in members])
                 for client, update in zip(members, updates):
                     module.push(client, side, update)
@@ -149,6 +164,27 @@ def collect_updates(
         clusters = {c: k for part, _ in shared for c, k in part.items()}
         sent = {key: u for _, part in shared for key, u in part.items()}
     return sides, local, clusters, sent
+
+
+def mixed_senders(
+    sent: dict[tuple[int, str], AdapterUpdate], clusters: dict[int, int], cluster: int, side: str, beta: float
+) -> list[AdapterUpdate]:
+    """Every sender of ``side`` weighted so that their merge is ``(1 − β) ΔW_cluster + β ΔW_all``.
+
+    Client ``i`` (``n_i`` examples) counts ``(1 − β) n_i / N_c`` if it is in ``cluster`` plus ``β n_i / N``; a merge
+    that normalizes the weights then yields the mixture exactly (the merge is linear in the weights).
+    """
+    side_sent = {c: u for (c, s), u in sorted(sent.items()) if s == side}
+    total = sum(float(u.num_examples) for u in side_sent.values())
+    in_cluster = sum(float(u.num_examples) for c, u in side_sent.items() if clusters[c] == cluster)
+    out = []
+    for c, u in side_sent.items():
+        weight = beta * float(u.num_examples) / total
+        if clusters[c] == cluster:
+            weight += (1 - beta) * float(u.num_examples) / in_cluster
+        if weight > 0:
+            out.append(replace(u, num_examples=weight))
+    return out
 
 
 def report_metrics(report: AggregationReport, cluster: int, side: str, members: list[int]) -> dict[str, float]:
