@@ -117,7 +117,7 @@ DESCRIPTION = {
 }
 # one model for everybody: the baselines ATLAS must at least match
 SINGLE_MODEL = ("centralized", "splitlora", "hsplitlora", "flexlora")
-MAIN_METHODS = ["atlas", "splitlora", "hsplitlora", "flexlora", "fltac", "centralized", "local"]
+MAIN_METHODS = ["atlas", "splitlora", "hsplitlora", "flexlora", "fltac", "mira", "centralized", "local"]
 LRS = [5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
 QUICK_ARGS = ["--data.max_examples_per_client", "96", "--data.local_steps", "4"]
 # shapes for the measured client step (memory_model.worker builds the model from a config: random weights, same sizes)
