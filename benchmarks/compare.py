@@ -290,7 +290,7 @@ def execute(run: dict) -> dict:
     if not is_done(folder):
         resume = ["--ckpt_path", "last"] if last.exists() else []  # a killed earlier attempt: go on from there
         steps.append(("fit", list(run["cmd"]) + resume, "a" if resume else "w"))
-    if run.get("test_cmd") and not (steps == [] and has_test(folder)):
+    if run.get("test_cmd") and (steps or not has_test(folder)):  # a new fit needs a new test
         steps.append(("test", list(run["test_cmd"]), "a"))
     for name, cmd, mode in steps:
         with open(folder / "log.txt", mode) as log:

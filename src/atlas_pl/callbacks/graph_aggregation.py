@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from atlas_pl.algorithms.merge import fedavg
 from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation, collect_updates
 from atlas_pl.protocol import AdapterUpdate
 
@@ -100,18 +101,17 @@ class GraphAggregation(ClusterAggregation):
 
 def mix(own: AdapterUpdate, others: list[AdapterUpdate], row: Tensor, strength: float) -> AdapterUpdate:
     """``(1 − λ) θ_own + λ Σ_l row_l θ_l`` for every factor, and for every extra among the clients holding it."""
+    weights = [float(w) for w in row]
     out = AdapterUpdate({}, dict(own.scalings), own.num_examples)
     for m, (a, b) in own.factors.items():
-        pa = sum(float(row[j]) * u.factors[m][0].double() for j, u in enumerate(others))
-        pb = sum(float(row[j]) * u.factors[m][1].double() for j, u in enumerate(others))
-        out.factors[m] = (((1 - strength) * a.double() + strength * pa).to(a.dtype),
-                          ((1 - strength) * b.double() + strength * pb).to(b.dtype))  # fmt: skip
+        neighbours = fedavg([{"A": u.factors[m][0], "B": u.factors[m][1]} for u in others], weights)
+        mixed = fedavg([{"A": a, "B": b}, neighbours], [1 - strength, strength])
+        out.factors[m] = (mixed["A"], mixed["B"])
     for key, value in own.extras.items():
-        held = [j for j, u in enumerate(others) if key in u.extras and float(row[j]) > 0]
-        total = sum(float(row[j]) for j in held)
-        if total > 0:
-            pv = sum(float(row[j]) * others[j].extras[key].double() for j in held) / total
-            out.extras[key] = ((1 - strength) * value.double() + strength * pv).to(value.dtype)
-        else:
+        held = [j for j, u in enumerate(others) if key in u.extras and weights[j] > 0]
+        if not held:
             out.extras[key] = value
+            continue
+        neighbour = fedavg([{key: others[j].extras[key]} for j in held], [weights[j] for j in held])[key]
+        out.extras[key] = fedavg([{key: value}, {key: neighbour}], [1 - strength, strength])[key]
     return out
