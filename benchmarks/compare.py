@@ -23,6 +23,9 @@ Usage::
 
     python benchmarks/compare.py --quick                       # minilm, 2 rates, 2 seeds, 2 short rounds
     python benchmarks/compare.py --workloads minilm --rounds 4 # the README's table (5 rates, 3 seeds)
+    python benchmarks/compare.py --workloads minilm_scarce --rounds 3    # data-scarce: 36 clients x 50 examples
+    python benchmarks/compare.py --workloads minilm_budgets --rounds 3 \
+        --methods atlas splitlora hsplitlora flexlora atlas_zero_pad splitlora_strongest   # budgets that bind
     python benchmarks/compare.py --report-only                 # re-parse the runs present, rewrite the outputs
 """
 
@@ -61,7 +64,9 @@ def _flipped(task: str, group: str) -> dict:
             "label_words": [" positive", " negative"]}  # fmt: skip
 
 
-# workload -> (base config, overrides of the base config written into every run's overlay)
+# workload -> (base config, overrides of the base config written into every run's overlay); the key ``callbacks``
+# instead overrides init args of the method's callbacks of that name (where the method has one), e.g. budgets
+
 WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm": ("configs/minilm.yaml", {}),
     # data-scarce: 3x the clients, each with 50 examples (40 to train, 10 to validate), 4 local steps per round
@@ -72,6 +77,11 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     # the same kind of text (sst2 / mr with the words swapped), so one shared model is pulled two ways
     "smollm2_conflict": ("configs/smollm2.yaml", {"data": {"tasks": [
         "sst2", _flipped("sst2", "sentiment_flipped"), "mr", _flipped("mr", "sentiment_flipped"), "ag_news", "trec"]}}),
+    # budgets that bind: 4 budget levels, each the estimated client peak at one uniform rank (2, 4, 8, 16) of the
+    # workload's model, cut and batch, so budget-fitted methods give the clients different ranks (the 1-24 GB
+    # budgets of the base configs all fit rank 16 on this model: nothing binds there)
+    "minilm_budgets": ("configs/minilm.yaml", {"callbacks": {"RankAllocation": {"budgets": {"peak_at_ranks": [
+        2, 4, 8, 16]}}}}),
     "demo": ("configs/demo.yaml", {}),  # synthetic tasks, random weights: exercises the protocol in seconds
 }  # fmt: skip
 # method -> (baseline config, ablation); ablations are applied on top of the baseline config
@@ -158,11 +168,29 @@ def deep_get(d: dict, *keys: str, default: Any = None) -> Any:
 
 def base_config(workload: str) -> dict:
     """The workload's base config with its overrides applied (what every run of the workload starts from)."""
-    config, overrides = WORKLOADS[workload]
+    config = WORKLOADS[workload][0]
     base = load_yaml(ROOT / config)
-    for section, values in overrides.items():
+    for section, values in config_overrides(workload).items():
         base[section] = {**base.get(section, {}), **values}
     return base
+
+
+def config_overrides(workload: str) -> dict[str, Any]:
+    """The workload's overrides of config sections (``data``, ``model``, ...), without its callback overrides."""
+    return {k: v for k, v in WORKLOADS[workload][1].items() if k != "callbacks"}
+
+
+def callback_overrides(workload: str, method: str, base: dict) -> dict[str, dict[str, Any]]:
+    """Init args per callback name: the workload's (budgets resolved to bytes), then the method's ablation."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, args in WORKLOADS[workload][1].get("callbacks", {}).items():
+        args = dict(args)
+        if isinstance(args.get("budgets"), dict):  # {"peak_at_ranks": [...]}: the estimated peak at each rank
+            args["budgets"] = [estimate_peak(base, int(r)) for r in args["budgets"]["peak_at_ranks"]]
+        out[name] = args
+    for name, args in METHODS[method][1].items():
+        out[name] = {**out.get(name, {}), **args}
+    return out
 
 
 def task_groups(base: dict) -> dict[str, str]:
@@ -227,14 +255,15 @@ def machine_info() -> dict:
 def build_run(workload: str, method: str, lr: float, seed: int, rounds: int | None = None, quick: bool = False,
               test: bool = False) -> dict:  # fmt: skip
     """The commands and overlay of one run (nothing is executed): the fit, and with ``test`` the test after it."""
-    baseline, ablation = METHODS[method]
-    base_cfg, overrides = WORKLOADS[workload]
+    baseline, _ = METHODS[method]
+    base_cfg = WORKLOADS[workload][0]
     method_cfg = f"configs/baselines/{baseline}.yaml"
     base, over = base_config(workload), load_yaml(ROOT / method_cfg)
     callbacks = deep_get(over, "trainer", "callbacks", default=deep_get(base, "trainer", "callbacks", default=[]))
     callbacks = [dict(c) for c in callbacks or [] if "Checkpoint" not in c.get("class_path", "")]
     groups = task_groups(base)
     counts = {"GROUPS": len(set(groups.values())), "TASKS": len(groups)}
+    ablation = callback_overrides(workload, method, base)
     for cb in callbacks:
         name = cb["class_path"].rsplit(".", 1)[-1]
         if name in ablation:
@@ -253,7 +282,7 @@ def build_run(workload: str, method: str, lr: float, seed: int, rounds: int | No
                       "init_args": {"dirpath": f"{rel}/checkpoints"}})  # fmt: skip
     logger = {"save_dir": os.path.relpath(folder.parents[1], ROOT), "name": lr_tag(lr), "version": f"seed{seed}"}
     overlay = {
-        **overrides,
+        **config_overrides(workload),
         "trainer": {
             "callbacks": callbacks,
             "enable_progress_bar": False,

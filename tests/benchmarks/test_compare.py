@@ -65,6 +65,37 @@ def test_every_method_runs_the_same_base_config_seed_and_learning_rate_with_its_
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data beside the checkout")
+def test_binding_budgets_give_budget_fitted_methods_different_ranks_and_leave_other_methods_alone() -> None:
+    from transformers import AutoConfig
+
+    from atlas_pl.algorithms.rank_allocation import RankAllocator, client_memory_fn
+    from atlas_pl.memory import ModelShape
+    from atlas_pl.models import resolve_path
+
+    base = compare.base_config("minilm_budgets")
+    assert "callbacks" not in base and "callbacks" not in compare.build_run("minilm_budgets", "atlas", 1e-3, 0)[
+        "overlay"]  # fmt: skip
+    budgets = {m: _callback(compare.build_run("minilm_budgets", m, 1e-3, 0), "RankAllocation")["init_args"]
+               for m in ("atlas", "hsplitlora", "flexlora", "atlas_uniform")}  # fmt: skip
+    levels = budgets["atlas"]["budgets"]
+    assert all(isinstance(b, int) for b in levels) and levels == sorted(set(levels)) and len(levels) == 4
+    assert all(b["budgets"] == levels for b in budgets.values())
+    assert budgets["atlas_uniform"]["pattern"] == "uniform"  # the ablation is still applied on top
+    # the package's allocator (the one RankAllocation uses) gives a uniform pattern the ranks 2, 4, 8, 16
+    model = base["model"]
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(resolve_path(model["model"])))
+    estimate = client_memory_fn(shape, base["data"]["batch_size"], base["data"]["max_length"], model["cut_layer"],
+                                target_modules=model["lora"]["target_modules"], device="cpu")  # fmt: skip
+    allocator = RankAllocator(estimate, r_min=2, r_max=16)
+    targets = model["lora"]["target_modules"]
+    pattern = {f"bert.encoder.layer.{i}.{t}": 1.0 for i in range(model["cut_layer"]) for t in targets}
+    assert [max(allocator.allocate(pattern, b).rank_pattern.values()) for b in levels] == [2, 4, 8, 16]
+    # methods without a RankAllocation callback (centralized: one model, one rank) are unchanged
+    centralized = compare.build_run("minilm_budgets", "centralized", 1e-3, 0)["overlay"]["trainer"]["callbacks"]
+    assert not any(c["class_path"].endswith("RankAllocation") for c in centralized)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data beside the checkout")
 def test_the_conflict_workload_adds_tasks_that_answer_the_opposite_label_word_for_the_same_texts() -> None:
     from atlas_pl.data.sources import load_task
 
