@@ -220,3 +220,21 @@ def test_the_protocol_end_to_end_on_the_demo_workload(tmp_path) -> None:
     assert out["summary"]["demo"]["atlas_vs"]["best other method"]["method"] == "local"
     assert (tmp_path / "compare_test.png").exists() and (tmp_path / "compare_tuning.png").exists()
     assert str(ROOT) not in (tmp_path / "compare.json").read_text()  # no path of this machine in the outputs
+
+
+def test_each_workload_is_reported_with_the_command_that_regenerates_its_runs() -> None:
+    full = [_row(m, lr, 0, val=0.5) for m in compare.MAIN_METHODS for lr in compare.LRS]
+    assert compare.regenerate_command("minilm", full, [0], [0, 1, 2]) == (
+        "python benchmarks/compare.py --workloads minilm --rounds 2"
+    )
+    some = [_row(m, lr, 0, val=0.5) for m in ("local", "atlas") for lr in (1e-3, 5e-3)]
+    assert compare.regenerate_command("minilm", some, [0], [0, 1]) == (
+        "python benchmarks/compare.py --workloads minilm --rounds 2 --methods atlas local --lrs 0.001 0.005 --seeds 0 1"
+    )
+    budgets = [_row(m, lr, 0, val=0.5, workload="minilm_budgets") for m in compare.methods_of("minilm_budgets", None)
+               for lr in compare.LRS]  # fmt: skip
+    assert compare.methods_of("minilm_budgets", None) != compare.MAIN_METHODS
+    assert compare.regenerate_command("minilm_budgets", budgets + full, [0], [0, 1, 2]) == (
+        "python benchmarks/compare.py --workloads minilm_budgets --rounds 2"
+    )
+    assert compare.methods_of("minilm_budgets", ["local"]) == ["local"]
