@@ -24,6 +24,7 @@ Usage::
     python benchmarks/compare.py --quick                       # minilm, 2 rates, 2 seeds, 2 short rounds
     python benchmarks/compare.py --workloads minilm --rounds 4 # the README's table (5 rates, 3 seeds)
     python benchmarks/compare.py --workloads minilm_scarce --rounds 3    # data-scarce: 36 clients x 50 examples
+    python benchmarks/compare.py --workloads minilm_conflict --rounds 3  # shared heads, swapped label words
     python benchmarks/compare.py --workloads minilm_budgets --rounds 3 \
         --methods atlas splitlora hsplitlora flexlora atlas_zero_pad splitlora_strongest   # budgets that bind
     python benchmarks/compare.py --report-only                 # re-parse the runs present, rewrite the outputs
@@ -77,6 +78,10 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     # conflict: a causal LM answers with label words shared by all tasks, and two tasks answer the opposite word for
     # the same kind of text (sst2 / mr with the words swapped), so one shared model is pulled two ways
     "smollm2_conflict": ("configs/smollm2.yaml", {"data": {"tasks": [
+        "sst2", _flipped("sst2", "sentiment_flipped"), "mr", _flipped("mr", "sentiment_flipped"), "ag_news", "trec"]}}),
+    # the same conflict for an encoder: tasks with the same label words share one classification head (one output per
+    # word), so sst2 / mr and their swapped copies want opposite outputs of one head for the same kind of text
+    "minilm_conflict": ("configs/minilm.yaml", {"data": {"heads": "per_label_words", "tasks": [
         "sst2", _flipped("sst2", "sentiment_flipped"), "mr", _flipped("mr", "sentiment_flipped"), "ag_news", "trec"]}}),
     # budgets that bind: 4 budget levels, each the estimated client peak at one uniform rank (2, 4, 8, 16) of the
     # workload's model, cut and batch, so budget-fitted methods give the clients different ranks (the 1-24 GB

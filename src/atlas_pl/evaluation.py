@@ -98,7 +98,8 @@ def capture_head_logits(client: SplitClient, task_id: int) -> Iterator[list[torc
         yield captured
         return
     heads = backbone.heads_of(client.server_adapter)
-    head = heads[task_id] if task_id in heads else get_submodule(backbone.model, backbone.arch.head_path)
+    key = backbone.head_of(task_id)
+    head = heads[key] if key in heads else get_submodule(backbone.model, backbone.arch.head_path)
     handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output.detach()))
     try:
         yield captured

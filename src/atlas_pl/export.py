@@ -182,7 +182,8 @@ def _export_one(federation: Federation, rep: int, members: list[int], folder: Pa
     task_ids = sorted({federation.client_task_ids[i] for i in members})
     names = list(getattr(federation, "task_names", []) or [])
     task_names = {t: names[t] if t < len(names) else f"task{t}" for t in task_ids}
-    heads = {t: h for t, h in backbone.heads_of(client.server_adapter).items() if t in task_ids}
+    owned = backbone.heads_of(client.server_adapter)  # by head id; tasks sharing a head export it under each name
+    heads = {t: owned[backbone.head_of(t)] for t in task_ids if backbone.head_of(t) in owned}
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         save_peft_adapter(backbone.model, adapter, tmp)

@@ -277,7 +277,8 @@ class Federation(L.LightningModule):
                     f"tasks {generative} are generative but model {self.hparams['model']!r} is an encoder; "
                     "use a causal LM (task_format: causal_lm) or drop those tasks"
                 )
-            self.backbone.configure_tasks([t.num_labels for t in tasks])
+            heads = list(getattr(dm, "task_heads", []) or []) or None  # per_label_words: tasks sharing heads
+            self.backbone.configure_tasks([t.num_labels for t in tasks], heads)
         tokenizer = getattr(dm, "tokenizer", None)
         ev = self.evaluation
         self.evaluator = FederatedEvaluator(

@@ -109,7 +109,10 @@ class ClientRoster:
         return {m: (int(a.shape[0]), s) for m, (a, _, s) in factors.items()}
 
     def pull(self, client: int, side: Side, num_examples: float, task_id: int) -> AdapterUpdate:
-        """A copy of ``client``'s adapter on ``side``; the server side also carries the head of the client's task."""
+        """A copy of ``client``'s adapter on ``side``; the server side also carries the head of the client's task.
+
+        The head is keyed by its head id: clients of tasks that share a head average one head.
+        """
         name = self.adapter(client, side)
         factors = self.backbone.bank.factors(name)
         head = self.backbone.head_state(name, task_id) if side == "server" else {}
@@ -117,7 +120,7 @@ class ClientRoster:
             {m: (a.detach().clone(), b.detach().clone()) for m, (a, b, _) in factors.items()},
             {m: s for m, (_, _, s) in factors.items()},
             float(num_examples),
-            extras={f"head.task{task_id}.{k}": v for k, v in head.items()},
+            extras={f"head.task{self.backbone.head_of(task_id)}.{k}": v for k, v in head.items()},
         )
 
     def push(self, client: int, side: Side, update: AdapterUpdate) -> None:

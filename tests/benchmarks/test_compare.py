@@ -101,6 +101,9 @@ def test_the_conflict_workload_adds_tasks_that_answer_the_opposite_label_word_fo
 
     groups = compare.task_groups(compare.base_config("smollm2_conflict"))
     assert groups["sst2"] == "sentiment" and groups["sst2_flipped"] == "sentiment_flipped"
+    encoder = compare.build_run("minilm_conflict", "centralized", 1e-3, 0)["overlay"]["data"]
+    assert encoder["heads"] == "per_label_words"  # one head per label space: the encoder cannot hide the conflict
+    assert compare.task_groups(compare.base_config("minilm_conflict")) == groups
     specs = compare.build_run("smollm2_conflict", "atlas", 1e-3, 0)["overlay"]["data"]["tasks"]
     flipped = next(t for t in specs if isinstance(t, dict) and t["name"] == "sst2_flipped")
     cwd = os.getcwd()

@@ -18,7 +18,7 @@ from atlas_pl.data.sampling import ClientChunkBatchSampler, RoundBatchSampler, s
 from atlas_pl.data.sources import load_tasks
 from atlas_pl.data.synthetic import GROUPS
 from atlas_pl.data.table import save_table
-from atlas_pl.data.tasks import Task, TaskInfo, TaskSpec
+from atlas_pl.data.tasks import Task, TaskInfo, TaskSpec, head_ids
 from atlas_pl.data.tokenizers import load_tokenizer
 
 __all__ = ["FederatedDataModule"]
@@ -57,9 +57,9 @@ class FederatedDataModule(L.LightningDataModule):
     After :meth:`setup`: ``tasks`` (:class:`~atlas_pl.data.tasks.TaskInfo` per ``task_id``), ``verbalizer_ids``
     (per task, per label: the answer ids incl. EOS the causal-LM encoder appends; ``[]`` for generative tasks),
     ``client_task_ids``, ``client_tasks``, ``client_groups``, ``num_examples``, ``num_val_examples``,
-    ``num_test_examples``, ``num_labels`` (max over tasks), ``label_words`` (task name -> words), ``tokenizer``,
-    ``pad_id``. Each encoded example has ``input_ids``, ``labels``, ``label``, ``task_id``, ``client_idx``, ``task``
-    and, for generative tasks, ``target``.
+    ``num_test_examples``, ``num_labels`` (max over tasks), ``label_words`` (task name -> words), ``task_heads``,
+    ``tokenizer``, ``pad_id``. Each encoded example has ``input_ids``, ``labels``, ``label``, ``task_id``,
+    ``client_idx``, ``task`` and, for generative tasks, ``target``.
 
     Args:
         num_clients: Number of federated clients (>= 1).
@@ -95,6 +95,10 @@ class FederatedDataModule(L.LightningDataModule):
         cache_dir: ``datasets`` cache folder for loaded files and cached tokenization (``None``: HF datasets cache).
         interleave_clients: Shuffle each round's batches across clients instead of client after client (the pooled
             order of the centralized baseline).
+        heads: Classification heads of an encoder (``task_format: classification``): ``per_task`` (each task its
+            own) or ``per_label_words`` (tasks with the same label words share one head, each word one output; the
+            classes are renumbered in word order, see ``Task.sorted_by_label_word``). After :meth:`setup`,
+            ``task_heads`` gives each task's head (the task id of the first task sharing it).
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class FederatedDataModule(L.LightningDataModule):
         max_target_length: int = 64,
         cache_dir: str | None = None,
         interleave_clients: bool = False,
+        heads: Literal["per_task", "per_label_words"] = "per_task",
     ) -> None:
         super().__init__()
         _check(num_clients >= 1, "num_clients", num_clients, "pass num_clients >= 1")
@@ -150,6 +155,7 @@ class FederatedDataModule(L.LightningDataModule):
             ("max_eval_examples_per_client", max_eval_examples_per_client),
         ):
             _check(cap is None or cap >= MIN_EXAMPLES, name, cap, f"pass null or an int >= {MIN_EXAMPLES}")
+        _check(heads in ("per_task", "per_label_words"), "heads", heads, "use 'per_task' or 'per_label_words'")
         _check(max_target_length >= 1, "max_target_length", max_target_length, "pass max_target_length >= 1")
         _check(tasks is None or len(tasks) > 0, "tasks", tasks, "list at least one task, or leave tasks unset")
         specs = [TaskSpec.parse(t) for t in tasks or []]  # validates spec keys early
@@ -190,6 +196,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.max_target_length = max_target_length
         self.cache_dir = cache_dir
         self.interleave_clients = interleave_clients
+        self.heads = heads
+        self.task_heads: list[int] = []
         self._is_setup = False
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.pad_id: int = 0
@@ -252,6 +260,8 @@ class FederatedDataModule(L.LightningDataModule):
         if self._is_setup:
             return
         tasks = self._load()
+        if self.heads == "per_label_words":
+            tasks = [task.sorted_by_label_word() for task in tasks]
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.pad_id = int(self.tokenizer.pad_token_id)
         client_task_ids, splits, evals = client_splits(
@@ -283,6 +293,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.train_datasets, self.val_datasets, self.test_datasets = data.train, data.val, data.test
         self._label_hists = data.label_hists
         self.tasks = [task.info() for task in tasks]
+        self.task_heads = head_ids(self.tasks, self.heads)
         self.verbalizer_ids = [verbalizer_ids(self.tokenizer, task) for task in self.tasks]
         self.client_task_ids = client_task_ids
         self.client_tasks = [tasks[t].name for t in client_task_ids]

@@ -8,6 +8,7 @@ use either name (``{context}`` / ``{question}``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,7 @@ __all__ = [
     "TaskSpec",
     "default_label_words",
     "default_template",
+    "head_ids",
     "template_fields",
     "validate_template",
 ]
@@ -242,3 +244,58 @@ class Task(TaskInfo):
     def info(self) -> TaskInfo:
         """The public, data-free description."""
         return TaskInfo(self.name, self.group, self.kind, list(self.label_names), list(self.label_words))
+
+    def sorted_by_label_word(self) -> Task:
+        """The same task with its classes renumbered in the order of their label words.
+
+        A classification head shared by tasks with the same words then gives each word one output; generative tasks
+        are returned as is.
+
+        Class ``i`` keeps its name *and* word together: a task whose words are swapped (``" positive"`` for label
+        ``negative``) keeps that pairing, and its examples now target the other output than the unswapped task's.
+        """
+        if self.generative:
+            return self
+        order = sorted(range(len(self.label_words)), key=lambda i: (self.label_words[i], i))
+        if order == list(range(len(order))):
+            return self
+        new_of = {old: new for new, old in enumerate(order)}
+
+        def relabel(split: Any) -> Any:
+            if split is None:
+                return None
+            return split.map(
+                lambda batch: {"label": [new_of[int(x)] for x in batch["label"]]},
+                batched=True,
+                desc=f"relabel {self.name}",
+            )
+
+        return dataclasses.replace(
+            self,
+            label_names=[self.label_names[i] for i in order],
+            label_words=[self.label_words[i] for i in order],
+            train=relabel(self.train),
+            validation=relabel(self.validation),
+            test=relabel(self.test),
+        )
+
+
+def head_ids(tasks: list[TaskInfo], heads: str = "per_task") -> list[int]:
+    """The classification head of each task.
+
+    ``per_task``: its own (``[0, 1, 2, ...]``); ``per_label_words``: tasks with the same label words, in the same
+    order, share the head of the first of them.
+
+    Raises:
+        ValueError: An unknown ``heads`` value.
+    """
+    if heads == "per_task":
+        return list(range(len(tasks)))
+    if heads != "per_label_words":
+        raise ValueError(f"`heads` must be 'per_task' or 'per_label_words', got {heads!r}")
+    first: dict[tuple[str, ...], int] = {}
+    out = []
+    for t, task in enumerate(tasks):
+        key = tuple(task.label_words) if not task.generative else (f"<generative {t}>",)
+        out.append(first.setdefault(key, t))
+    return out

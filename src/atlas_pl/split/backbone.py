@@ -97,6 +97,7 @@ class SplitBackbone(nn.Module):
         self.bank = AdapterBank(model, fan_in_fan_out=self.arch.fan_in_fan_out)
         self.heads = nn.ModuleDict()
         self.task_num_labels: list[int] | None = None
+        self.task_heads: list[int] | None = None  # task id -> head id (None: each task its own head)
         self.client_cuts: dict[str, int] = {}  # client adapters whose client half ends after `cut_layer`
         self.server_adapters: list[str] = []
         self.client_adapters: list[str] = []
@@ -192,17 +193,28 @@ class SplitBackbone(nn.Module):
         """Key of the classification head of task ``task_id`` owned by ``server_adapter``."""
         return f"{server_adapter}__task{task_id}"
 
-    def configure_tasks(self, num_labels: list[int]) -> None:
+    def configure_tasks(self, num_labels: list[int], heads: list[int] | None = None) -> None:
         """Give every server adapter one classification head per task (``num_labels[t]`` classes for task ``t``).
+
+        With ``heads``, one per head id instead: task ``t`` uses the head of task ``heads[t]`` (e.g. tasks with the
+        same label words).
 
         Heads whose size already matches are kept (a resume reloads them); classifiers only.
 
         Raises:
-            ValueError: A task with fewer than 2 labels.
+            ValueError: A task with fewer than 2 labels, or ``heads`` that do not point at a task of the same size.
         """
         bad = [(t, n) for t, n in enumerate(num_labels) if n < 2]
         if bad:
             raise ValueError(f"task {bad[0][0]} has {bad[0][1]} label(s); a classification task needs >= 2 labels")
+        if heads is not None:
+            wrong = [t for t, h in enumerate(heads) if not 0 <= h <= t or num_labels[h] != num_labels[t]]
+            if len(heads) != len(num_labels) or wrong:
+                raise ValueError(
+                    f"`heads` {heads} must give each of the {len(num_labels)} tasks the id of an earlier (or the "
+                    f"same) task with as many labels {num_labels}; tasks {wrong} do not"
+                )
+        self.task_heads = None if heads is None else list(heads)
         self.task_num_labels = list(num_labels)
         if self.task == "classification":
             for name in self.server_adapters:
@@ -211,6 +223,8 @@ class SplitBackbone(nn.Module):
     def _add_heads(self, server_adapter: str) -> None:
         template: Any = get_submodule(self.model, self.arch.head_path)
         for t, n in enumerate(self.task_num_labels or [int(template.out_features)]):
+            if self.head_of(t) != t:  # shares the head of an earlier task
+                continue
             key = self.head_name(server_adapter, t)
             if key in self.heads and self.heads[key].out_features == n:
                 continue
@@ -222,8 +236,12 @@ class SplitBackbone(nn.Module):
                 nn.init.zeros_(head.bias)
             self.heads[key] = head.requires_grad_(True)
 
+    def head_of(self, task_id: int) -> int:
+        """The head id of task ``task_id``: itself, or the first task sharing its head (``configure_tasks(heads=)``)."""
+        return task_id if self.task_heads is None or task_id >= len(self.task_heads) else self.task_heads[task_id]
+
     def heads_of(self, server_adapter: str) -> dict[int, nn.Module]:
-        """Task id → head owned by ``server_adapter``."""
+        """Head id → head owned by ``server_adapter`` (the head id is a task id; see :meth:`head_of`)."""
         prefix = f"{server_adapter}__task"
         return {int(k[len(prefix) :]): m for k, m in self.heads.items() if k.startswith(prefix)}
 
@@ -243,7 +261,7 @@ class SplitBackbone(nn.Module):
 
     def head_state(self, name: str, task_id: int) -> dict[str, torch.Tensor]:
         """Copy of the task head ``task_id`` of server adapter ``name`` (empty for causal LMs)."""
-        head = self.heads_of(name).get(task_id)
+        head = self.heads_of(name).get(self.head_of(task_id))
         return {} if head is None else {k: v.detach().clone() for k, v in head.state_dict().items()}
 
     @torch.no_grad()
@@ -347,12 +365,13 @@ class SplitBackbone(nn.Module):
         head = get_submodule(self.model, self.arch.head_path)
         if server_adapter is not None:
             heads = self.heads_of(server_adapter)
-            if heads and task_id not in heads:
+            key = self.head_of(task_id)
+            if heads and key not in heads:
                 raise ValueError(
                     f"server adapter {server_adapter!r} has no head for task {task_id} (it has {sorted(heads)}); "
                     "call `configure_tasks` with every task's number of labels"
                 )
-            head = heads.get(task_id, head)
+            head = heads.get(key, head)
         logits = head(pooled).float()
         loss = F.cross_entropy(logits, labels)
         pred = logits.argmax(-1)
