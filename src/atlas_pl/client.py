@@ -7,7 +7,7 @@ inside a ``Federation`` many of them share one backbone and the federation drive
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import lightning as L
@@ -83,13 +83,21 @@ class SplitClient(L.LightningModule):
         return [self.client_optimizer(), self.server_optimizer()]
 
     # ------------------------------------------------------------------------------------------ steps
-    def run_split_step(self, batch: dict, optimizers: Sequence[Any], backward: Backward | None = None) -> ServerOutput:
+    def run_split_step(
+        self,
+        batch: dict,
+        optimizers: Sequence[Any],
+        backward: Backward | None = None,
+        check: Callable[[ServerOutput], None] | None = None,
+    ) -> ServerOutput:
         """One split step followed by the client and server optimizer steps.
 
         Args:
             batch: ``input_ids``, ``attention_mask``, ``labels``.
             optimizers: ``(client_optimizer, server_optimizer)`` (Lightning-wrapped or plain).
             backward: Server-loss backward (``manual_backward`` of the module attached to the Trainer).
+            check: Called after the backward, before the optimizer steps; if it raises, the gradients are cleared,
+                no step is taken and the error propagates (``atlas_pl.faults.check_step``).
         """
         client_opt, server_opt = optimizers
         client_opt.zero_grad(set_to_none=True)
@@ -103,6 +111,13 @@ class SplitClient(L.LightningModule):
             backward=backward,
             client_idx=self.client_idx,
         )
+        if check is not None:
+            try:
+                check(out)
+            except BaseException:
+                client_opt.zero_grad(set_to_none=True)
+                server_opt.zero_grad(set_to_none=True)
+                raise
         server_opt.step()
         client_opt.step()
         return out

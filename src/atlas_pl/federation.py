@@ -17,11 +17,13 @@ from typing import Any, Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from atlas_pl.client import SplitClient
 from atlas_pl.data.client_data import sample_client_batches
 from atlas_pl.evaluation import EvaluationSpec, FederatedEvaluator, tasks_from_datamodule
+from atlas_pl.faults import FaultSpec, check_step, describe
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.metrics import PerClientMean
 from atlas_pl.models import load_model
@@ -66,6 +68,8 @@ class Federation(L.LightningModule):
             tokens), ``cls`` (first token), ``pooler`` (the model's pooler), or ``auto``: a sentence-transformers
             checkpoint's own pooling (all-MiniLM-L6-v2: ``mean``; its pooler is untrained), else ``pooler`` when the
             pooler is trained (non-zero bias), else ``mean``. Ignored by causal LMs (see ``atlas_pl.split.pooling``).
+        faults: What a failing client does to the run (``tolerate``, ``timeout_s``; see ``atlas_pl.faults``): by
+            default any client error ends it; with ``tolerate: true`` the client is left out of the round.
     """
 
     def __init__(
@@ -83,15 +87,20 @@ class Federation(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         evaluation: EvaluationSpec | None = None,
         pooling: Pooling = "auto",
+        faults: FaultSpec | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}")
         lora = LoraSpec(**lora) if isinstance(lora, dict) else lora or LoraSpec()
         ev = EvaluationSpec(**evaluation) if isinstance(evaluation, dict) else evaluation or EvaluationSpec()
-        self.save_hyperparameters(ignore=["lora", "evaluation"])
-        self.hparams.update(lora=asdict(lora), evaluation=asdict(ev))  # plain values: YAML and checkpoints
+        fault_spec = FaultSpec(**faults) if isinstance(faults, dict) else faults or FaultSpec()
+        self.save_hyperparameters(ignore=["lora", "evaluation", "faults"])
+        self.hparams.update(lora=asdict(lora), evaluation=asdict(ev), faults=asdict(fault_spec))  # plain values
         self.evaluation = ev
+        self.faults = fault_spec
+        self.fault_log: list[dict[str, Any]] = []  # every fault: round, client, cluster, reason
+        self._round_faults: dict[int, str] = {}
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold adapters, never the frozen backbone
@@ -139,8 +148,12 @@ class Federation(L.LightningModule):
         return self.roster.cluster_ids[client]
 
     def participants(self) -> list[int]:
-        """Clients that trained in the current round so far."""
-        return sorted(self._participants)
+        """Clients that trained in the current round so far (a client left out for a fault is not one)."""
+        return sorted(self._participants - set(self._round_faults))
+
+    def round_faults(self) -> dict[int, str]:
+        """Clients left out of the current round, with the reason (``faults: {tolerate: true}``)."""
+        return dict(self._round_faults)
 
     def client_batches(self, client: int, num_batches: int, seed: int) -> list[dict]:
         """``num_batches`` training batches of ``client`` from the datamodule (seeded choice), on this device."""
@@ -313,6 +326,7 @@ class Federation(L.LightningModule):
     @override
     def on_train_epoch_start(self) -> None:
         self._participants = set()
+        self._round_faults = {}
         self.roster.end_aggregation()
         self.train_loss.reset()
         self._round_start_bytes = (self.channel.stats.bytes_up, self.channel.stats.bytes_down)
@@ -321,12 +335,41 @@ class Federation(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
         idx = int(batch["client_idx"])
+        if idx in self._round_faults:  # left out for the rest of the round
+            return
         opts = cast(list, self.optimizers())
         ci, si = self.optimizer_index(idx)
-        out = self.clients[idx].run_split_step(batch, (opts[ci], opts[si]), self.manual_backward)
+        client = self.clients[idx]
+        if not self.faults.tolerate:
+            out = client.run_split_step(batch, (opts[ci], opts[si]), self.manual_backward)
+        else:
+            params = [*client.split.bank.parameters(client.client_adapter), *client.split.server_parameters(
+                client.server_adapter)]  # fmt: skip
+            started = time.perf_counter()
+            try:
+                out = client.run_split_step(
+                    batch,
+                    (opts[ci], opts[si]),
+                    self.manual_backward,
+                    check=lambda o: check_step(o.loss, params, started, self.faults.timeout_s),
+                )
+            except Exception as err:  # noqa: BLE001 - any client failure is the client's, not the run's
+                self.leave_out(idx, describe(err))
+                return
         self.train_loss.update(out.loss, idx, out.num_targets)
         self._participants.add(idx)
         self.log("train_loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+    def leave_out(self, client: int, reason: str) -> None:
+        """Leave ``client`` out of the rest of this round and its aggregation; log and record why."""
+        round_idx = int(self.current_epoch)
+        self._round_faults[client] = reason
+        self.fault_log.append({"round": round_idx, "client": client, "cluster": self.cluster_ids[client],
+                               "reason": reason})  # fmt: skip
+        rank_zero_warn(
+            f"round {round_idx}: client {client} left out of this round ({reason}); it receives its cluster's merge "
+            "and trains again next round"
+        )
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -343,6 +386,7 @@ class Federation(L.LightningModule):
             "comm/bytes_up": float(stats.bytes_up - up0),
             "comm/bytes_down": float(stats.bytes_down - down0),
             "round/participants": float(len(participants)),
+            "round/faults": float(len(self._round_faults)),
             "round/seconds": time.perf_counter() - self._round_start_time,
         }
         losses = self.train_loss.per_client()
@@ -442,6 +486,7 @@ class Federation(L.LightningModule):
             **self.roster.state_dict(),
             "num_examples": list(self.num_examples),
             "history": self.history,
+            "fault_log": self.fault_log,
             "channel": self.channel.stats.state_dict(),
             "rng": rng_state(),
         }
@@ -459,6 +504,7 @@ class Federation(L.LightningModule):
             )
         self.num_examples = list(state.get("num_examples", self.num_examples))
         self.history = list(state.get("history", []))
+        self.fault_log = list(state.get("fault_log", []))
         self.channel.stats.load_state_dict(state.get("channel", {}))
         if state.get("rng"):
             set_rng_state(state["rng"])

@@ -6,12 +6,17 @@ stacked factors, re-decomposed to each member's ranks) and every member receives
 sees the module only through the federation protocol (``atlas_pl.protocol.AdapterExchange``): ``Federation``
 implements it for many simulated clients in one process, ``PeftClientMixin`` for one client per DDP process, where
 the senders are gathered across processes with ``torch.distributed``.
+
+Faults (``atlas_pl.faults``): a sender whose update is not finite is dropped (and reported) before any merge; clients
+the module reports as faulty this round (``round_faults()``, optional) send nothing but still receive their cluster's
+merge; a cluster with fewer than ``quorum`` of its round's clients answering fails the round with the reasons.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -19,6 +24,7 @@ from typing_extensions import override
 
 from atlas_pl.algorithms.aggregation import AggregationMethod, AggregationReport, aggregation_method
 from atlas_pl.distributed import gather_objects, is_distributed
+from atlas_pl.faults import QuorumError, non_finite, quorum_message
 from atlas_pl.protocol import AdapterExchange, AdapterUpdate, FederationProtocolError, require
 
 
@@ -43,6 +49,9 @@ class ClusterAggregation(Callback):
         reset_optimizer: Also forget each member's AdamW moments after it receives the merge (the module's
             ``reset_optimizer_state(client, side)``): the merged factors are a new basis, the kept moments belong to
             the old one. Off by default (the moments are kept, as in every baseline).
+        quorum: Fraction of a cluster's clients of the round (those that sent, plus those left out for a fault) that
+            must have sent a finite update; below it the round fails with a ``QuorumError`` naming the faults. With
+            the default 0 a cluster needs one healthy sender.
     """
 
     def __init__(
@@ -51,8 +60,12 @@ class ClusterAggregation(Callback):
         every_n_rounds: int = 1,
         global_weight: float = 0.0,
         reset_optimizer: bool = False,
+        quorum: float = 0.0,
     ) -> None:
         self.method = aggregation_method(method)
+        if isinstance(quorum, bool) or not isinstance(quorum, (int, float)) or not 0 <= quorum <= 1:
+            raise ValueError(f"`quorum` must be a number in [0, 1], got {quorum!r}")
+        self.quorum = float(quorum)
         number = isinstance(global_weight, (int, float)) and not isinstance(global_weight, bool)
         if not number or not 0 <= global_weight <= 1:
             raise ValueError(f"`global_weight` must be a number in [0, 1], got {global_weight!r}")
@@ -100,22 +113,24 @@ class ClusterAggregation(Callback):
     ) -> None:
         if batch_idx + 1 < trainer.num_training_batches or not self.should_aggregate(trainer.current_epoch):
             return
-        metrics = self.aggregate(pl_module)
+        metrics = self.aggregate(pl_module, trainer.current_epoch)
         self.last_round = trainer.current_epoch
         pl_module.log_dict(metrics, logger=False, batch_size=1)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.current_epoch)
 
     # ------------------------------------------------------------------------------------------ one aggregation
-    def aggregate(self, module: Any) -> dict[str, float]:
+    def aggregate(self, module: Any, round_idx: int = 0) -> dict[str, float]:
         """Pull the senders' adapters, merge per cluster and side, push every hosted member its share; return metrics.
 
         Under several processes each process sends its senders and cluster ids to all (one collective per call).
 
         Raises:
             ValueError: The method cannot serve these clusters (FLoRA with several) or these adapters.
+            QuorumError: A cluster had fewer healthy senders than ``quorum`` asks.
         """
-        sides, local, clusters, sent = collect_updates(module)
+        sides, local, clusters, sent, faults = collect_updates(module)
+        check_quorum(clusters, sent, faults, self.quorum, round_idx)
         self.method.check_clusters(len(set(clusters.values())))
         metrics: dict[str, float] = {}
         for cluster in sorted(set(clusters.values())):
@@ -146,24 +161,58 @@ class ClusterAggregation(Callback):
         self.last_round = int(state_dict.get("last_round", -1))
 
 
-def collect_updates(
-    module: Any,
-) -> tuple[tuple[str, ...], list[int], dict[int, int], dict[tuple[int, str], AdapterUpdate]]:
+class RoundUpdates(NamedTuple):
+    """What one aggregation starts from (see :func:`collect_updates`)."""
+
+    sides: tuple[str, ...]
+    local: list[int]
+    clusters: dict[int, int]
+    sent: dict[tuple[int, str], AdapterUpdate]
+    faults: dict[int, str]
+
+
+def collect_updates(module: Any) -> RoundUpdates:
     """What one aggregation starts from, under several processes gathered from all of them (one collective).
 
     Returns:
-        The adapter sides, this process's hosted clients, every client's cluster, and every participant's pulled
-        update per ``(client, side)``.
+        The adapter sides, this process's hosted clients, every client's cluster, every healthy participant's pulled
+        update per ``(client, side)``, and the faulty clients with their reason: those the module left out this round
+        (``round_faults()``, where it has one) and those whose update holds a NaN or an infinity (dropped here).
     """
     sides = tuple(module.adapter_sides())
     local = list(module.local_clients())
     clusters = {c: int(module.cluster_of(c)) for c in local}
-    sent = {(c, s): module.pull(c, s) for c in module.participants() for s in sides}
+    reported = getattr(module, "round_faults", None)
+    faults: dict[int, str] = dict(reported()) if callable(reported) else {}
+    sent = {(c, s): module.pull(c, s) for c in module.participants() if c not in faults for s in sides}
     if is_distributed():
-        shared = gather_objects((clusters, {k: u.cpu() for k, u in sent.items()}))
-        clusters = {c: k for part, _ in shared for c, k in part.items()}
-        sent = {key: u for _, part in shared for key, u in part.items()}
-    return sides, local, clusters, sent
+        shared = gather_objects((clusters, {k: u.cpu() for k, u in sent.items()}, faults))
+        clusters = {c: k for part, _, _ in shared for c, k in part.items()}
+        sent = {key: u for _, part, _ in shared for key, u in part.items()}
+        faults = {c: why for _, _, part in shared for c, why in part.items()}
+    for (c, side), u in sorted(sent.items()):
+        if c not in faults and non_finite([t for ab in u.factors.values() for t in ab] + list(u.extras.values())):
+            faults[c] = f"non-finite {side} update"
+    sent = {key: u for key, u in sent.items() if key[0] not in faults}
+    return RoundUpdates(sides, local, clusters, sent, faults)
+
+
+def check_quorum(
+    clusters: dict[int, int], sent: dict[tuple[int, str], AdapterUpdate], faults: dict[int, str], quorum: float,
+    round_idx: int,
+) -> None:  # fmt: skip
+    """Check that every cluster with faulty clients this round can still be merged.
+
+    It needs one healthy sender and ``quorum`` of its round's clients (healthy senders plus faulty) healthy.
+
+    Raises:
+        QuorumError: Names the round, the cluster, the healthy count and every fault with its reason.
+    """
+    for cluster in sorted({clusters[c] for c in faults if c in clusters}):
+        healthy = sorted({c for c, _ in sent if clusters.get(c) == cluster})
+        failed = {c: why for c, why in faults.items() if clusters.get(c) == cluster}
+        if not healthy or len(healthy) < math.ceil(quorum * (len(healthy) + len(failed)) - 1e-9):
+            raise QuorumError(quorum_message(round_idx, cluster, healthy, failed, quorum))
 
 
 def mixed_senders(

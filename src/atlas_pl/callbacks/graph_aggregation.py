@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from atlas_pl.algorithms.merge import fedavg
-from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation, collect_updates
+from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation, check_quorum, collect_updates
 from atlas_pl.protocol import AdapterUpdate
 
 
@@ -68,13 +68,14 @@ class GraphAggregation(ClusterAggregation):
         self.strength = float(strength)
         self.graph: Tensor | None = None
 
-    def aggregate(self, module: Any) -> dict[str, float]:
+    def aggregate(self, module: Any, round_idx: int = 0) -> dict[str, float]:
         """Pull every client's adapters, build the graph, push each hosted client its mixed adapter; return metrics.
 
         Raises:
             ValueError: Clients hold different ranks or modules (MIRA mixes factors of one shape).
         """
-        sides, local, _, sent = collect_updates(module)
+        sides, local, clusters, sent, faults = collect_updates(module)
+        check_quorum(clusters, sent, faults, self.quorum, round_idx)
         per_client: dict[int, list[AdapterUpdate]] = {}
         for (c, _side), u in sorted(sent.items()):
             per_client.setdefault(c, []).append(u)
@@ -89,6 +90,11 @@ class GraphAggregation(ClusterAggregation):
         self.graph = w
         metrics: dict[str, float] = {"aggregation/graph_mean_degree": float((w > 0).sum(dim=1).double().mean())}
         for k in local:
+            if k in faults and ids:  # left out this round: no row in the graph; it gets the mean of the senders
+                for side in sides:
+                    senders = [sent[(c, side)] for c in ids]
+                    module.push(k, side, mix(senders[0], senders, torch.ones(len(ids)) / len(ids), 1.0))
+                continue
             if k not in ids:
                 continue
             row = w[ids.index(k)]

@@ -157,4 +157,5 @@ class FederatedResults(Callback):
             "cluster_ids": list(getattr(pl_module, "cluster_ids", [])),
             "num_examples": list(getattr(pl_module, "num_examples", [])),
             "traffic": channel.stats.as_dict() if channel is not None else {},
+            "faults": list(getattr(pl_module, "fault_log", [])),  # clients left out of a round, and why
         }
