@@ -22,7 +22,6 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -96,13 +95,3 @@ def quorum_message(round_idx: int, cluster: int, healthy: list[int], faults: dic
         f"round {round_idx}: only {len(healthy)} of the {total} clients of cluster {cluster} answered (quorum "
         f"{quorum:g}); {failed}. Fix the failing clients, or lower ClusterAggregation's `quorum`"
     )
-
-
-def summarize(records: list[dict[str, Any]]) -> dict[str, int]:
-    """Fault counts by kind of reason (``non-finite``, ``timeout``, ``error``) over ``records``."""
-    out = {"non-finite": 0, "timeout": 0, "error": 0}
-    for r in records:
-        reason = str(r.get("reason", ""))
-        kind = "non-finite" if "non-finite" in reason else "timeout" if "no answer within" in reason else "error"
-        out[kind] += 1
-    return out
