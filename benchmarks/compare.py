@@ -111,6 +111,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "atlas_reset": ("atlas", {"ClusterAggregation": {"reset_optimizer": True}}),
     "atlas_mix": ("atlas", {"ClusterAggregation": {"global_weight": 0.25}}),
     "atlas_update": ("atlas", {"TaskClustering": {"signal": "update", "num_batches": 8}}),
+    "atlas_grad_b": ("atlas", {"TaskClustering": {"signal": "grad_B", "k_tolerance": 0.0}}),
 }
 DESCRIPTION = {
     "atlas": "ATLAS: fingerprint clusters, importance ranks fitted to budgets, exact per-cluster merge",
@@ -132,6 +133,7 @@ DESCRIPTION = {
     "atlas_mix": "ATLAS with each cluster's merge mixed with the merge of all clients (global_weight 0.25)",
     "atlas_update": "ATLAS clustering on the adapters' change after one round of local steps instead of grad_B",
     "atlas_reset": "ATLAS forgetting the AdamW moments of every merged adapter (they describe the old factors)",
+    "atlas_grad_b": "ATLAS as first specified: cross-entropy gradient fingerprints (grad_B), best-silhouette K",
 }
 # one model for everybody: the baselines ATLAS must at least match
 SINGLE_MODEL = ("centralized", "splitlora", "hsplitlora", "flexlora")

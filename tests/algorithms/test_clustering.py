@@ -229,3 +229,32 @@ def test_plot_fingerprints_returns_a_figure_that_saves():
 def test_plot_fingerprints_with_mismatched_points_raises():
     with pytest.raises(ValueError, match="`points`"):
         plot_fingerprints(np.zeros((3, 2)), [0, 1])
+
+
+def _nested_groups(offset: float = 0.5, seed: int = 1) -> tuple[np.ndarray, list[int]]:
+    """Four groups of 3 in two opposite pairs (``±e0``, each pair split along its own axis): one split dominates."""
+    rng, e = np.random.default_rng(seed), np.eye(16)
+    centers = [e[0] + offset * e[1], e[0] - offset * e[1], -e[0] + offset * e[2], -e[0] - offset * e[2]]
+    points = np.concatenate([c + 0.1 * rng.standard_normal((3, 16)) for c in centers])
+    return points, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_k_tolerance_splits_a_dominant_pair_into_its_groups_where_the_best_silhouette_merges_them() -> None:
+    x, truth = _nested_groups()
+    best = cluster_clients(x, "auto", seed=0)
+    assert best.num_clusters == 2 and clustering_scores(best.labels, truth)["ari"] < 0.5
+    tolerant = cluster_clients(x, "auto", seed=0, k_tolerance=0.1)
+    assert tolerant.num_clusters == 4 and clustering_scores(tolerant.labels, truth)["ari"] == 1.0
+    scores = tolerant.silhouette_by_k  # the rule: the largest K within 10 % of the best silhouette
+    assert tolerant.num_clusters == max(k for k, v in scores.items() if v >= 0.9 * max(scores.values()))
+    assert scores[tolerant.num_clusters] < scores[2]
+
+
+def test_k_tolerance_never_goes_below_min_silhouette_nor_invents_structure() -> None:
+    noise = np.random.default_rng(0).standard_normal((12, 64))
+    assert cluster_clients(noise, "auto", seed=0, k_tolerance=0.5).num_clusters == 1
+    x, _ = _nested_groups()
+    loose = cluster_clients(x, "auto", seed=0, k_tolerance=0.9, min_silhouette=0.6)
+    assert loose.silhouette_by_k[loose.num_clusters] >= 0.6
+    with pytest.raises(ValueError, match="`k_tolerance` must be in"):
+        cluster_clients(x, "auto", k_tolerance=1.0)

@@ -40,11 +40,12 @@ def _setup(seed: int, num_clients: int = 12, **fed_kwargs):
 
 
 
-def test_fingerprints_recover_the_synthetic_task_groups_for_five_seeds(tmp_path) -> None:
+@pytest.mark.parametrize("signal", ["grad_B", "contrast"])
+def test_fingerprints_recover_the_synthetic_task_groups_for_five_seeds(tmp_path, signal) -> None:
     aris = []
     for seed in range(5):
         fed, dm = _setup(seed)
-        clustering = TaskClustering(num_clusters=3, num_batches=4, seed=seed)
+        clustering = TaskClustering(num_clusters=3, num_batches=4, seed=seed, signal=signal)
         phase_trainer(tmp_path, [clustering]).fit(fed, datamodule=dm)
         aris.append(clustering.metrics(clustering.result, dm)["clustering/ari_vs_group"])
     assert aris == [1.0] * 5
@@ -94,6 +95,10 @@ def test_constructor_rejects_bad_arguments() -> None:
         TaskClustering(dim=0)
     with pytest.raises(ValueError, match="sides"):
         TaskClustering(sides="both_ways")
+    with pytest.raises(ValueError, match="k_tolerance"):
+        TaskClustering(k_tolerance=-0.1)
+    with pytest.raises(ValueError, match="'contrast'"):
+        TaskClustering(signal="gradient")  # type: ignore[arg-type]
 
 
 def test_dp_noise_reports_an_epsilon(tmp_path) -> None:

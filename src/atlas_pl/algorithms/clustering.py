@@ -85,6 +85,7 @@ def cluster_clients(
     k_range: tuple[int, int] = (2, 10),
     min_silhouette: float = 0.25,
     n_init: int = 10,
+    k_tolerance: float = 0.0,
 ) -> ClusterResult:
     """K-means (cosine geometry) of the clients' fingerprints, ``K`` given or chosen by silhouette.
 
@@ -95,6 +96,10 @@ def cluster_clients(
         k_range: Inclusive ``(k_min, k_max)`` tried by ``"auto"``, capped at ``valid clients − 1``; ``k_min >= 2``.
         min_silhouette: ``"auto"`` returns ``K = 1`` when the best silhouette is below this.
         n_init: k-means restarts (at least 10 recommended).
+        k_tolerance: ``"auto"`` takes the largest ``K`` whose silhouette is within this fraction of the best one
+            (and at least ``min_silhouette``); 0 takes the best. Splitting a task costs some sharing, merging two
+            tasks that disagree costs far more, and when one split dominates (a task and its label-swapped copy
+            have opposite fingerprints) the silhouette of the coarse ``K`` and of the true one are close.
 
     Returns:
         A ``ClusterResult``.
@@ -105,12 +110,14 @@ def cluster_clients(
     x = _as_matrix(fingerprints)
     valid, left_out = _valid_rows(x)
     _check_cluster_args(num_clusters, len(valid), k_range, n_init)
+    if not 0.0 <= k_tolerance < 1.0:
+        raise ValueError(f"`k_tolerance` must be in [0, 1), got {k_tolerance}; 0 takes the best-silhouette K")
     points = x[valid] / np.linalg.norm(x[valid], axis=1, keepdims=True)
     scores: dict[int, float] = {}
     # A few hundred points: one OpenMP thread is fastest, and does not fight torch's thread pool for the cores.
     with threadpool_limits(limits=1, user_api="openmp"):
         if num_clusters == "auto":
-            k = _choose_k(points, seed, k_range, min_silhouette, n_init, scores)
+            k = _choose_k(points, seed, k_range, min_silhouette, n_init, scores, k_tolerance)
         else:
             k = int(num_clusters)
         sub_labels, centers = _kmeans(points, k, seed, n_init)
@@ -196,9 +203,18 @@ def _check_cluster_args(num_clusters: int | str, num_valid: int, k_range: tuple[
 
 
 def _choose_k(
-    points: np.ndarray, seed: int, k_range: tuple[int, int], min_silhouette: float, n_init: int, scores: dict
+    points: np.ndarray,
+    seed: int,
+    k_range: tuple[int, int],
+    min_silhouette: float,
+    n_init: int,
+    scores: dict,
+    tolerance: float = 0.0,
 ) -> int:
-    """Best-silhouette ``k`` in ``k_range`` (filling ``scores``), or 1 when no ``k`` reaches ``min_silhouette``."""
+    """Best-silhouette ``k`` in ``k_range`` (filling ``scores``), or 1 when no ``k`` reaches ``min_silhouette``.
+
+    With ``tolerance``, the largest ``k`` whose silhouette is within that fraction of the best.
+    """
     hi = min(k_range[1], len(points) - 1)
     for k in range(k_range[0], hi + 1):
         score = _silhouette(points, _kmeans(points, k, seed, n_init)[0])
@@ -207,7 +223,10 @@ def _choose_k(
     if not scores:
         return 1
     best = max(scores, key=lambda k: (scores[k], -k))
-    return best if scores[best] >= min_silhouette else 1
+    if scores[best] < min_silhouette:
+        return 1
+    floor = max(min_silhouette, (1.0 - tolerance) * scores[best])
+    return max(k for k, score in scores.items() if score >= floor)
 
 
 def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ from atlas_pl.algorithms.privacy import dp_epsilon, privatize
 from atlas_pl.distributed import broadcast_object, gather_objects
 from atlas_pl.protocol import TaskDiscovery, require
 
-Signal = Literal["update", "grad_B"]
+Signal = Literal["update", "grad_B", "contrast"]
 QUALITY = ("ari", "nmi", "sil", "dp_")
 
 
@@ -48,6 +48,10 @@ class TaskClustering(Callback):
             after ``num_batches`` local steps (restored afterwards). On the synthetic demo tasks the server-side
             ``grad_B`` recovered the task groups exactly for 5 of 5 seeds (K = 3), ``update`` did not; on real tasks
             (MiniLM, ``benchmarks/clustering.py``) server-side ``grad_B`` over 8 batches matched task identity best.
+            ``contrast``: ``grad_B`` of the class-balanced contrast loss instead of cross-entropy
+            (:func:`~atlas_pl.split.backbone.contrast_loss`): blind to the client's label frequencies and to the
+            model's current predictions, so tasks with the same texts and opposite answers get opposite
+            fingerprints (the module's ``task_signal`` must know the kind; ``Federation`` does).
         num_batches: Batches per client for the signal.
         sides: Which adapters' signal to fingerprint: ``both``, ``client`` (only what the client holds) or
             ``server`` (the server computes it during the client's split steps; nearest to the loss).
@@ -56,6 +60,8 @@ class TaskClustering(Callback):
         seed: Seed of the shared projection, of the batch choice and of k-means.
         k_range: ``(k_min, k_max)`` tried by ``"auto"``.
         min_silhouette: ``"auto"`` keeps one cluster when the best silhouette is below this.
+        k_tolerance: ``"auto"`` takes the largest ``K`` whose silhouette is within this fraction of the best
+            (0 = the best; see ``cluster_clients``): when unsure, split rather than merge.
         recluster_every: Re-cluster every N rounds (0 = only at fit start).
         dp_noise_multiplier: ``σ`` of the Gaussian mechanism on the fingerprint (0 = no noise).
         dp_clip: Clip norm ``C`` before noise.
@@ -76,6 +82,7 @@ class TaskClustering(Callback):
         seed: int = 0,
         k_range: tuple[int, int] = (2, 10),
         min_silhouette: float = 0.25,
+        k_tolerance: float = 0.0,
         recluster_every: int = 0,
         dp_noise_multiplier: float = 0.0,
         dp_clip: float = 1.0,
@@ -93,8 +100,8 @@ class TaskClustering(Callback):
         if assign == "random" and num_clusters == "auto":
             raise ValueError("`assign='random'` needs an int `num_clusters`")
         self.assign = assign
-        if signal not in ("update", "grad_B"):
-            raise ValueError(f"`signal` must be 'update' or 'grad_B', got {signal!r}")
+        if signal not in ("update", "grad_B", "contrast"):
+            raise ValueError(f"`signal` must be 'update', 'grad_B' or 'contrast', got {signal!r}")
         for name, value in (("num_batches", num_batches), ("dim", dim)):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value!r}")
@@ -104,7 +111,9 @@ class TaskClustering(Callback):
             raise ValueError(f"`sides` must be 'both', 'client' or 'server', got {sides!r}")
         self.num_clusters, self.signal, self.num_batches, self.dim = num_clusters, signal, num_batches, dim
         self.sides = sides
-        self.normalize, self.seed, self.min_silhouette = normalize, seed, min_silhouette
+        if not 0.0 <= k_tolerance < 1.0:
+            raise ValueError(f"`k_tolerance` must be in [0, 1), got {k_tolerance!r}; 0 takes the best-silhouette K")
+        self.normalize, self.seed, self.min_silhouette, self.k_tolerance = normalize, seed, min_silhouette, k_tolerance
         self.k_range = (int(k_range[0]), int(k_range[1]))
         self.recluster_every = recluster_every
         self.dp_noise_multiplier, self.dp_clip, self.dp_delta = dp_noise_multiplier, dp_clip, dp_delta
@@ -156,7 +165,12 @@ class TaskClustering(Callback):
             else:
                 self.fingerprints = torch.stack([everyone[c] for c in ids]).numpy()
                 result = cluster_clients(
-                    self.fingerprints, self.num_clusters, self.seed, self.k_range, self.min_silhouette
+                    self.fingerprints,
+                    self.num_clusters,
+                    self.seed,
+                    self.k_range,
+                    self.min_silhouette,
+                    k_tolerance=self.k_tolerance,
                 )
         result = broadcast_object(result)
         assert result is not None

@@ -7,8 +7,10 @@ Client adapters live only on client-half modules and server adapters only on ser
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,27 @@ from atlas_pl.split.registry import (
     num_blocks,
     validate_cut_layer,
 )
+
+Objective = Literal["cross_entropy", "contrast"]
+
+
+def contrast_loss(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """The class-balanced contrast ``Σ_i w_i (mean_c z_ic − z_i,gold)`` of logits ``z`` and gold classes.
+
+    It is cross-entropy minus cross-entropy against uniform targets, with every gold class (or answer token) in
+    the batch given the same total weight.
+
+    Its gradient in the logits, ``w_i (1/C − e_gold)``, does not depend on the model's current predictions, and
+    the equal class weights cancel a batch's label frequencies: what is left of a task's gradient is the difference
+    of its class-conditional features, i.e. which inputs it maps to which answer. Cross-entropy's own gradient
+    ``p_i − e_gold`` carries ``mean feature × (mean prediction − label frequency)`` too, the same for any two tasks
+    on similar text whatever their labels, and on real data that term can outweigh the label-dependent one (two
+    tasks with opposite answers for the same texts then get similar fingerprints). Used for task signals, not for
+    training: it is linear in the logits and unbounded below.
+    """
+    classes, inverse, counts = torch.unique(gold, return_inverse=True, return_counts=True)
+    weights = 1.0 / (len(classes) * counts[inverse].to(logits.dtype))
+    return (weights * (logits.mean(-1) - logits.gather(-1, gold[:, None]).squeeze(-1))).sum()
 
 
 @dataclass
@@ -98,6 +121,7 @@ class SplitBackbone(nn.Module):
         self.heads = nn.ModuleDict()
         self.task_num_labels: list[int] | None = None
         self.task_heads: list[int] | None = None  # task id -> head id (None: each task its own head)
+        self.objective: Objective = "cross_entropy"
         self.client_cuts: dict[str, int] = {}  # client adapters whose client half ends after `cut_layer`
         self.server_adapters: list[str] = []
         self.client_adapters: list[str] = []
@@ -310,6 +334,18 @@ class SplitBackbone(nn.Module):
         norm = get_submodule(self.model, self.arch.final_norm_path)
         return hidden if norm is None else norm(hidden)
 
+    @contextmanager
+    def objective_of(self, objective: Objective) -> Iterator[None]:
+        """Compute the server loss with ``objective`` inside the block (``contrast`` for task signals)."""
+        previous, self.objective = self.objective, objective
+        try:
+            yield
+        finally:
+            self.objective = previous
+
+    def _loss(self, logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, gold) if self.objective == "cross_entropy" else contrast_loss(logits, gold)
+
     def server_forward(
         self,
         hidden: torch.Tensor,
@@ -341,7 +377,7 @@ class SplitBackbone(nn.Module):
         head = get_submodule(self.model, self.arch.head_path)
         logits = head(hidden[:, :-1][selected]).float()
         gold = targets[selected]
-        loss = F.cross_entropy(logits, gold)
+        loss = self._loss(logits, gold)
         hits = logits.argmax(-1) == gold
         rows = selected.nonzero()[:, 0]
         first = torch.ones_like(rows, dtype=torch.bool)
@@ -373,7 +409,7 @@ class SplitBackbone(nn.Module):
                 )
             head = heads.get(key, head)
         logits = head(pooled).float()
-        loss = F.cross_entropy(logits, labels)
+        loss = self._loss(logits, labels)
         pred = logits.argmax(-1)
         return ServerOutput(loss=loss, correct=pred == labels, num_targets=int(labels.numel()), pred=pred)
 

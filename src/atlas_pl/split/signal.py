@@ -11,7 +11,8 @@ from atlas_pl.split.step import split_forward_backward
 if TYPE_CHECKING:
     from atlas_pl.client import SplitClient
 
-SignalKind = Literal["grad_B", "update"]
+SignalKind = Literal["grad_B", "contrast", "update"]
+SIGNAL_KINDS = ("grad_B", "contrast", "update")
 
 
 def task_signal(client: SplitClient, batches: list[dict], kind: SignalKind = "grad_B") -> dict[str, torch.Tensor]:
@@ -28,7 +29,10 @@ def task_signal(client: SplitClient, batches: list[dict], kind: SignalKind = "gr
     sides = {"client": client.client_adapter, "server": client.server_adapter}
     saved = {n: split.adapter_state(n) for n in sides.values()}
     opts = (client.client_optimizer(), client.server_optimizer())
-    with torch.enable_grad():
+    if kind not in SIGNAL_KINDS:
+        raise ValueError(f"`kind` must be one of {SIGNAL_KINDS}, got {kind!r}")
+    objective = split.objective_of("contrast" if kind == "contrast" else split.objective)
+    with torch.enable_grad(), objective:
         for batch in batches:
             if kind == "update":
                 client.run_split_step(batch, opts)
