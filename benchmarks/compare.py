@@ -5,7 +5,9 @@ The protocol (the only way this script compares):
 1. **tune** — every method × every learning rate of the grid (``--lrs``) × the tuning seed(s) (``--tune-seeds``):
    one ``atlas-pl fit``; the score is the final mean *validation* accuracy.
 2. **choose** — per workload and method, the learning rate with the best mean validation accuracy over the tuning
-   seeds (ties: the smaller rate). The test split is never read for a choice.
+   seeds (ties: the smaller rate). The test split is never read for a choice. A method whose best rate is the
+   grid's largest (smallest) is tuned one step further, at twice (half) that rate, up to ``--extend`` steps, the
+   same rule for every method: a best rate on the edge says the grid, not the method, set the limit.
 3. **final** — every method at its chosen rate × every seed (``--seeds``): ``atlas-pl fit`` (runs of stage 1 are
    reused), then ``atlas-pl test`` on the last round's checkpoint → test accuracy overall and per task group.
 4. **report** — test accuracy mean ± std over seeds, per task group, the chosen rate, bytes per round, client memory,
@@ -536,6 +538,21 @@ def choose_lr(rows: list[dict], workload: str, method: str, tune_seeds: list[int
     return best, means
 
 
+def edge_step(rows: list[dict], workload: str, method: str, tune_seeds: list[int], grid: list[float]) -> float | None:
+    """The next rate to tune when ``method``'s chosen rate is at the edge of what it has tried, else None.
+
+    The edge is the largest (smallest) rate it has tried, once every rate of ``grid`` is tried: then twice (half)
+    that rate. The test split is never read (``choose_lr``)."""
+    best, means = choose_lr(rows, workload, method, tune_seeds)
+    if best is None or not set(grid) <= set(means):
+        return None
+    if best == max(means) and best >= max(grid):
+        return best * 2
+    if best == min(means) and best <= min(grid):
+        return best / 2
+    return None
+
+
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int] | None:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -783,7 +800,8 @@ def regenerate_command(workload: str, rows: list[dict], tune_seeds: list[int], s
     """The ``compare.py`` command that makes (or, finished runs being skipped, re-reports) ``workload``'s runs."""
     mine = [r for r in rows if r["workload"] == workload]
     methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
-    lrs = sorted({r["lr"] for r in mine if r["seed"] in tune_seeds})
+    tried = [{r["lr"] for r in mine if r["method"] == m and r["seed"] in tune_seeds} for m in methods]
+    lrs = sorted(set.intersection(*tried)) if tried else []  # the grid; a step beyond its edge is --extend's
     cmd = ["python", "benchmarks/compare.py", "--workloads", workload]
     rounds = {r["rounds"] for r in mine}
     if len(rounds) == 1:
@@ -849,6 +867,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="methods to run (default: the workload's set, WORKLOAD_METHODS, else MAIN_METHODS)",
     )
     p.add_argument("--lrs", nargs="+", type=float, default=LRS, help="the learning-rate grid every method tunes over")
+    p.add_argument("--extend", type=int, default=1, help="steps beyond the grid's edge for a best rate on it")
     p.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds of the tuning runs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final (test) runs")
     p.add_argument("--rounds", type=int, default=None, help="override trainer.max_epochs")
@@ -861,6 +880,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.workloads, args.lrs, args.tune_seeds, args.seeds, args.rounds = ["minilm"], [1e-3, 5e-3], [0], [0, 1], 2
+        args.extend = 0
     if any(lr <= 0 for lr in args.lrs):
         p.error(f"--lrs must be positive, got {args.lrs}")
     return args
@@ -888,6 +908,15 @@ def main(argv: list[str] | None = None) -> dict:
         failed += run_all(plan(tune, test=False), args.jobs, "tune")
         args.force = False  # the final stage reuses the tuning runs just made
         rows = collect_rows(False, {})
+        for _ in range(args.extend):  # a best rate on the grid's edge: one step further, for every method alike
+            more = [build_run(wl, m, lr, s, args.rounds, args.quick) for wl in args.workloads
+                    for m in methods_of(wl, args.methods)
+                    if (lr := edge_step(rows, wl, m, args.tune_seeds, args.lrs)) is not None
+                    for s in args.tune_seeds]  # fmt: skip
+            if not more:
+                break
+            failed += run_all(plan(more, test=False), args.jobs, "tune beyond the grid's edge")
+            rows = collect_rows(False, {})
         final = []
         for wl in args.workloads:
             for m in methods_of(wl, args.methods):

@@ -48,7 +48,11 @@ def test_every_method_runs_the_same_base_config_seed_and_learning_rate_with_its_
             }
         ]
         assert run["test_cmd"] is None  # tuning runs are never tested
-    assert _callback(runs["atlas_random"], "TaskClustering")["init_args"] == {"num_clusters": 4, "assign": "random"}
+    random_args = {"num_clusters": 4, "assign": "random", "signal": "contrast", "k_tolerance": 0.1}
+    assert _callback(runs["atlas_random"], "TaskClustering")["init_args"] == random_args
+    assert _callback(runs["atlas"], "TaskClustering")["init_args"]["signal"] == "contrast"
+    first = {"num_clusters": "auto", "signal": "grad_B", "k_tolerance": 0.0}  # the method as first specified
+    assert _callback(runs["atlas_grad_b"], "TaskClustering")["init_args"] == first
     assert _callback(runs["fltac"], "TaskClustering")["init_args"]["num_clusters"] == 6  # K = number of tasks
     assert _callback(runs["fltac"], "TaskClustering")["init_args"]["signal"] == "update"
     assert _callback(runs["flexlora"], "ClusterAggregation")["init_args"]["method"]["class_path"].endswith(".DenseSVD")
@@ -137,6 +141,21 @@ def test_the_learning_rate_is_chosen_on_validation_only_over_every_tuning_seed()
     assert compare.choose_lr(rows, "minilm", "local", [0]) == (None, {})  # another workload's run
 
 
+def test_a_best_rate_on_the_grids_edge_is_tuned_one_step_further_for_any_method() -> None:
+    grid = [1e-3, 2e-3, 5e-3]
+    top = [_row("mira", lr, 0, val=v) for lr, v in zip(grid, (0.5, 0.6, 0.7))]
+    assert compare.edge_step(top, "minilm", "mira", [0], grid) == 1e-2
+    assert compare.edge_step(top[:2], "minilm", "mira", [0], grid) is None  # the grid is not tuned yet
+    bottom = [_row("centralized", lr, 0, val=v, test=0.0) for lr, v in zip(grid, (0.8, 0.6, 0.5))]
+    assert compare.edge_step(bottom, "minilm", "centralized", [0], grid) == 5e-4
+    inside = [_row("atlas", lr, 0, val=v, test=0.99 if lr != 2e-3 else 0.0) for lr, v in zip(grid, (0.5, 0.8, 0.7))]
+    assert compare.edge_step(inside, "minilm", "atlas", [0], grid) is None  # test accuracy is never read
+    beyond = [*top, _row("mira", 1e-2, 0, val=0.65)]  # the step beyond did not win: the best is interior now
+    assert compare.edge_step(beyond, "minilm", "mira", [0], grid) is None
+    further = [*top, _row("mira", 1e-2, 0, val=0.75)]  # it did: the next step, if --extend allows
+    assert compare.edge_step(further, "minilm", "mira", [0], grid) == 2e-2
+
+
 def test_summary_reports_test_accuracy_at_the_chosen_rate_and_a_paired_test_computed_by_hand() -> None:
     atlas_test, split_test = {0: 0.80, 1: 0.74, 2: 0.77}, {0: 0.70, 1: 0.72, 2: 0.69}
     rows = [_row("atlas", 1e-3, 0, val=0.9), _row("splitlora", 1e-3, 0, val=0.6)]  # tuning only: never tested
@@ -205,7 +224,7 @@ def test_a_run_is_done_until_a_newer_checkpoint_shows_a_killed_re_run_and_tested
 def test_the_protocol_end_to_end_on_the_demo_workload(tmp_path) -> None:
     """Tune two rates per method on validation, test only the chosen rate over two seeds, report from the files."""
     summary = compare.main(["--workloads", "demo", "--methods", "atlas", "local", "--lrs", "1e-3", "1e-2",
-                            "--seeds", "0", "1", "--rounds", "1", "--no-measure", "--jobs", "2",
+                            "--seeds", "0", "1", "--rounds", "1", "--no-measure", "--jobs", "2", "--extend", "0",
                             "--results", str(tmp_path)])["demo"]  # fmt: skip
     runs = tmp_path / "compare_runs" / "demo"
     for method in ("atlas", "local"):
