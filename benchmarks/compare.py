@@ -797,8 +797,26 @@ NOTES = (
 
 
 def regenerate_command(workload: str, rows: list[dict], tune_seeds: list[int], seeds: list[int]) -> str:
-    """The ``compare.py`` command that makes (or, finished runs being skipped, re-reports) ``workload``'s runs."""
+    """The ``compare.py`` command(s) that make (or, finished runs being skipped, re-report) ``workload``'s runs.
+
+    Every method's tested seeds are read from the runs (``seeds`` where none is tested yet): one command for the
+    seeds all methods share, then one per larger seed set with the methods that have it (e.g. 5 seeds for two).
+    """
     mine = [r for r in rows if r["workload"] == workload]
+    tested: dict[str, tuple[int, ...]] = {}
+    for m in dict.fromkeys(r["method"] for r in mine):
+        have = sorted({r["seed"] for r in mine if r["method"] == m and r.get("test_acc") is not None})
+        tested[m] = tuple(have or seeds)
+    common = sorted(set.intersection(*(set(v) for v in tested.values()))) if tested else list(seeds)
+    lines = [_command(workload, mine, tune_seeds, common)]
+    for extra in dict.fromkeys(v for v in tested.values() if list(v) != common):
+        methods = [m for m in METHODS if tested.get(m) == extra]
+        lines.append(_command(workload, [r for r in mine if r["method"] in methods], tune_seeds, list(extra), methods))
+    return "\n".join(lines)
+
+
+def _command(workload: str, mine: list[dict], tune_seeds: list[int], seeds: list[int],
+             only: list[str] | None = None) -> str:  # fmt: skip
     methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
     tried = [{r["lr"] for r in mine if r["method"] == m and r["seed"] in tune_seeds} for m in methods]
     lrs = sorted(set.intersection(*tried)) if tried else []  # the grid; a step beyond its edge is --extend's
@@ -806,8 +824,8 @@ def regenerate_command(workload: str, rows: list[dict], tune_seeds: list[int], s
     rounds = {r["rounds"] for r in mine}
     if len(rounds) == 1:
         cmd += ["--rounds", str(rounds.pop())]
-    if set(methods) != set(methods_of(workload, None)):
-        cmd += ["--methods", *methods]
+    if only is not None or set(methods) != set(methods_of(workload, None)):
+        cmd += ["--methods", *(only or methods)]
     if lrs != LRS:
         cmd += ["--lrs", *(f"{lr:g}" for lr in lrs)]
     if tune_seeds != [0]:

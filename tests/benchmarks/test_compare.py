@@ -261,3 +261,9 @@ def test_each_workload_is_reported_with_the_command_that_regenerates_its_runs() 
         "python benchmarks/compare.py --workloads minilm_budgets --rounds 2"
     )
     assert compare.methods_of("minilm_budgets", ["local"]) == ["local"]
+    tested = [_row(m, 5e-3, s, val=0.5, test=0.6) for m in compare.MAIN_METHODS for s in (0, 1, 2)]
+    tested += [_row(m, 5e-3, s, val=0.5, test=0.6) for m in ("mira", "atlas") for s in (3, 4)]
+    assert compare.regenerate_command("minilm", full + tested, [0], [0, 1, 2, 3, 4]).split("\n") == [
+        "python benchmarks/compare.py --workloads minilm --rounds 2",  # what every method has: seeds 0-2
+        "python benchmarks/compare.py --workloads minilm --rounds 2 --methods atlas mira --seeds 0 1 2 3 4",
+    ]
