@@ -16,12 +16,14 @@ ARI, and the two kinds of error counted over client pairs: ``merged`` (two group
 ATLAS must avoid) and ``split`` (one group in two clusters: less sharing).
 
 Outputs (atomic): ``<out>/conflict_clustering.json`` (settings, machine, rows, per-setting summary) and
-``conflict_clustering.csv``.
+``conflict_clustering.csv``; ``--workload minilm`` (6 tasks in 4 groups, per-task heads, no conflict) writes
+``minilm_clustering.{json,csv}``.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py              # seeds 0-4, ~10 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py --seeds 0    # one seed
+    OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py --workload minilm   # the 6-task workload
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ from atlas_pl.io import atomic_write_bytes
 ROOT = Path(__file__).resolve().parents[1]
 SIGNALS = ("grad_B", "contrast")
 TOLERANCES = (0.0, 0.1)
+BARS = (0.25, 0.2, 0.15)  # min_silhouette values re-read from the stored silhouettes
 NUM_BATCHES = 8
 
 
-def build(seed: int) -> tuple[Any, Any, list[int]]:
-    """Datamodule, Trainer-less Federation and true group per client of ``minilm_conflict`` at ``seed``."""
+def build(seed: int, workload: str = "minilm_conflict") -> tuple[Any, Any, list[int]]:
+    """Datamodule, Trainer-less Federation and true group per client of ``workload`` at ``seed``."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -57,7 +60,7 @@ def build(seed: int) -> tuple[Any, Any, list[int]]:
     from atlas_pl.federation import Federation
     from atlas_pl.lora import LoraSpec
 
-    base = compare.base_config("minilm_conflict")
+    base = compare.base_config(workload)
     data = {k: v for k, v in base["data"].items() if k != "seed"}
     data["data_dir"] = str(ROOT / data["data_dir"])
     data["tasks"] = [
@@ -123,6 +126,10 @@ def score(prints: np.ndarray, truth: list[int], seed: int, signal: str) -> list[
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per (signal, k_tolerance): mean ARI, seeds with merged groups, K per seed, and K per seed had the
+    ``min_silhouette`` bar been each of ``BARS`` (re-read from the silhouettes, ``pick_k``)."""
+    from atlas_pl.algorithms.clustering import pick_k
+
     out = []
     for signal in SIGNALS:
         for tol in TOLERANCES:
@@ -132,13 +139,16 @@ def summarize(rows: list[dict]) -> list[dict]:
                             "ari_group_mean": statistics.fmean(r["ari_group"] for r in sel),
                             "seeds_with_merged_groups": sum(r["merged"] > 0 for r in sel),
                             "merged_pairs": [r["merged"] for r in sel], "split_pairs": [r["split"] for r in sel],
-                            "K": [r["K"] for r in sel]})  # fmt: skip
+                            "K": [r["K"] for r in sel],
+                            "K_at_min_silhouette": {bar: [pick_k(r["silhouette_by_k"], bar, tol) for r in sel]
+                                                    for bar in BARS}})  # fmt: skip
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--workload", choices=("minilm_conflict", "minilm"), default="minilm_conflict")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     import torch
@@ -146,25 +156,26 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     rows: list[dict] = []
     for seed in args.seeds:
-        dm, fed, truth = build(seed)
+        dm, fed, truth = build(seed, args.workload)
         for signal, prints in fingerprints(dm, fed, seed).items():
             rows.extend(score(prints, truth, seed, signal))
         print(json.dumps([{k: r[k] for k in ("seed", "signal", "k_tolerance", "K", "ari_group", "merged", "split")}
                           for r in rows[-4:]]), flush=True)  # fmt: skip
     summary = summarize(rows)
-    report = {"settings": {"workload": "minilm_conflict", "num_batches": NUM_BATCHES, "dim": 64,
+    report = {"settings": {"workload": args.workload, "num_batches": NUM_BATCHES, "dim": 64,
                            "k_range": [2, 10], "min_silhouette": 0.25, "seeds": args.seeds},
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "threads": 1},
               "summary": summary, "rows": rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "conflict_clustering.json", json.dumps(report, indent=1, default=str).encode())
+    stem = "conflict_clustering" if args.workload == "minilm_conflict" else f"{args.workload}_clustering"
+    atomic_write_bytes(args.out / f"{stem}.json", json.dumps(report, indent=1, default=str).encode())
     buf = io.StringIO()
     fields = ["seed", "signal", "k_tolerance", "K", "silhouette", "ari_group", "merged", "split"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(args.out / "conflict_clustering.csv", buf.getvalue().encode())
+    atomic_write_bytes(args.out / f"{stem}.csv", buf.getvalue().encode())
     for s in summary:
         print(s)
     return report

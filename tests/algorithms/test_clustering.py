@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
+from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d, pick_k
 from atlas_pl.algorithms.fingerprint import project_gradients
 from atlas_pl.algorithms.plots import plot_fingerprints
 
@@ -258,3 +258,13 @@ def test_k_tolerance_never_goes_below_min_silhouette_nor_invents_structure() -> 
     assert loose.silhouette_by_k[loose.num_clusters] >= 0.6
     with pytest.raises(ValueError, match="`k_tolerance` must be in"):
         cluster_clients(x, "auto", k_tolerance=1.0)
+
+
+def test_pick_k_rereads_the_choice_from_the_silhouettes_of_a_result() -> None:
+    x, _ = _nested_groups()
+    for tolerance in (0.0, 0.1):
+        result = cluster_clients(x, "auto", seed=0, k_tolerance=tolerance)
+        assert pick_k(result.silhouette_by_k, 0.25, tolerance) == result.num_clusters
+    assert pick_k({2: 0.20, 5: 0.22}, min_silhouette=0.25) == 1  # below the bar: one cluster
+    assert pick_k({2: 0.20, 5: 0.22}, min_silhouette=0.15) == 5
+    assert pick_k({}, 0.0) == 1

@@ -220,12 +220,21 @@ def _choose_k(
         score = _silhouette(points, _kmeans(points, k, seed, n_init)[0])
         if score is not None:
             scores[k] = score
+    return pick_k(scores, min_silhouette, tolerance)
+
+
+def pick_k(scores: dict[int, float], min_silhouette: float = 0.25, k_tolerance: float = 0.0) -> int:
+    """``K`` from the silhouette of each ``k`` tried (``ClusterResult.silhouette_by_k``).
+
+    The best (ties: the smaller ``k``), or with ``k_tolerance`` the largest ``k`` within that fraction of the best;
+    1 when none reaches ``min_silhouette`` (or nothing was scored).
+    """
     if not scores:
         return 1
     best = max(scores, key=lambda k: (scores[k], -k))
     if scores[best] < min_silhouette:
         return 1
-    floor = max(min_silhouette, (1.0 - tolerance) * scores[best])
+    floor = max(min_silhouette, (1.0 - k_tolerance) * scores[best])
     return max(k for k, score in scores.items() if score >= floor)
 
 
