@@ -29,6 +29,7 @@ from atlas_pl.algorithms.plots import plot_fingerprints
 from atlas_pl.algorithms.privacy import dp_epsilon, privatize
 from atlas_pl.distributed import broadcast_object, gather_objects
 from atlas_pl.protocol import TaskDiscovery, require
+from atlas_pl.split.signal import SIGNAL_KINDS
 
 Signal = Literal["update", "grad_B", "contrast"]
 QUALITY = ("ari", "nmi", "sil", "dp_")
@@ -100,8 +101,8 @@ class TaskClustering(Callback):
         if assign == "random" and num_clusters == "auto":
             raise ValueError("`assign='random'` needs an int `num_clusters`")
         self.assign = assign
-        if signal not in ("update", "grad_B", "contrast"):
-            raise ValueError(f"`signal` must be 'update', 'grad_B' or 'contrast', got {signal!r}")
+        if signal not in SIGNAL_KINDS:
+            raise ValueError(f"`signal` must be one of {SIGNAL_KINDS}, got {signal!r}")
         for name, value in (("num_batches", num_batches), ("dim", dim)):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value!r}")
