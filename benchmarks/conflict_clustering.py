@@ -15,15 +15,22 @@ Each is projected to 64-D (``project_gradients``) and clustered with ``"auto"`` 
 ARI, and the two kinds of error counted over client pairs: ``merged`` (two groups in one cluster: the conflict
 ATLAS must avoid) and ``split`` (one group in two clusters: less sharing).
 
-Outputs (atomic): ``<out>/conflict_clustering.json`` (settings, machine, rows, per-setting summary) and
-``conflict_clustering.csv``; ``--workload minilm`` (6 tasks in 4 groups, per-task heads, no conflict) writes
-``minilm_clustering.{json,csv}``.
+Outputs (atomic): ``<out>/conflict_clustering.json`` (settings, machine, rows, per-setting summary),
+``conflict_clustering.csv`` and ``conflict_clustering_fingerprints.npz`` (``<signal>_seed<S>``: clients × 64, and
+``groups_seed<S>``); ``--workload minilm`` (6 tasks in 4 groups, per-task heads, no conflict) writes
+``minilm_clustering.{json,csv}``, ``--workload minilm_scarce`` (36 clients of 50 examples) ``minilm_scarce_clustering``
+and ``--workload minilm_one_task`` (the minilm workload with every client on sst2: nothing to find, the null check of
+the "no structure" rule) ``minilm_one_task_clustering``. Besides the bar each run used, ``K_at_min_silhouette``
+re-reads K per seed had the bar been each of ``BARS``; ``"chance"`` is the bar of
+:func:`atlas_pl.algorithms.clustering.chance_silhouette` for the workload's client count.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py              # seeds 0-4, ~10 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py --seeds 0    # one seed
     OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py --workload minilm   # the 6-task workload
+    OMP_NUM_THREADS=1 python benchmarks/conflict_clustering.py --workload minilm_one_task   # one task: want K = 1
+    python benchmarks/conflict_clustering.py --workload minilm --rescore   # re-cluster the stored fingerprints
 """
 
 from __future__ import annotations
@@ -46,7 +53,11 @@ from atlas_pl.io import atomic_write_bytes
 ROOT = Path(__file__).resolve().parents[1]
 SIGNALS = ("grad_B", "contrast")
 TOLERANCES = (0.0, 0.1)
-BARS = (0.25, 0.2, 0.15)  # min_silhouette values re-read from the stored silhouettes
+RUN_BARS = ("chance", 0.25)  # min_silhouette of the clusterings scored
+BARS = ("chance", "uniform", 0.25, 0.2, 0.15)  # min_silhouette values re-read from the stored silhouettes
+# workload -> (workload of benchmarks/compare.py, overrides of its data section)
+WORKLOADS = {"minilm_conflict": ("minilm_conflict", {}), "minilm": ("minilm", {}),
+             "minilm_scarce": ("minilm_scarce", {}), "minilm_one_task": ("minilm", {"tasks": ["sst2"]})}  # fmt: skip
 NUM_BATCHES = 8
 
 
@@ -60,7 +71,9 @@ def build(seed: int, workload: str = "minilm_conflict") -> tuple[Any, Any, list[
     from atlas_pl.federation import Federation
     from atlas_pl.lora import LoraSpec
 
-    base = compare.base_config(workload)
+    name, data_overrides = WORKLOADS[workload]
+    base = compare.base_config(name)
+    base["data"] = {**base["data"], **data_overrides}
     data = {k: v for k, v in base["data"].items() if k != "seed"}
     data["data_dir"] = str(ROOT / data["data_dir"])
     data["tasks"] = [
@@ -113,69 +126,126 @@ def pair_errors(labels: list[int], truth: list[int]) -> dict[str, int]:
 
 
 def score(prints: np.ndarray, truth: list[int], seed: int, signal: str) -> list[dict]:
-    from atlas_pl.algorithms.clustering import cluster_clients, clustering_scores
+    """One row per (``min_silhouette`` in ``RUN_BARS``, ``k_tolerance``): K, ARI and pair errors of the clustering."""
+    from atlas_pl.algorithms.clustering import chance_silhouette, cluster_clients, clustering_scores
 
     rows = []
-    for tol in TOLERANCES:
-        result = cluster_clients(prints, "auto", seed=0, k_tolerance=tol)
-        rows.append({"seed": seed, "signal": signal, "k_tolerance": tol, "K": result.num_clusters,
-                     "silhouette": result.silhouette, "ari_group": clustering_scores(result.labels, truth)["ari"],
-                     **pair_errors(result.labels, truth), "labels": result.labels, "groups": truth,
-                     "silhouette_by_k": result.silhouette_by_k})  # fmt: skip
+    chance = chance_silhouette(prints)
+    uniform = uniform_bar(*prints.shape)
+    at_true_k = clustering_scores(cluster_clients(prints, len(set(truth)), seed=0).labels, truth)["ari"]
+    for bar in RUN_BARS:
+        for tol in TOLERANCES:
+            result = cluster_clients(prints, "auto", seed=0, min_silhouette=bar, k_tolerance=tol)
+            rows.append({"seed": seed, "signal": signal, "min_silhouette": bar, "k_tolerance": tol,
+                         "bar": result.min_silhouette, "K": result.num_clusters, "silhouette": result.silhouette,
+                         "ari_group": clustering_scores(result.labels, truth)["ari"],
+                         **pair_errors(result.labels, truth), "labels": result.labels, "groups": truth,
+                         "silhouette_by_k": result.silhouette_by_k, "chance_bar": chance,
+                         "uniform_bar": uniform, "ari_group_at_true_k": at_true_k})  # fmt: skip
     return rows
 
 
+def uniform_bar(num_clients: int, dim: int, draws: int = 40) -> float:
+    """The rejected null: the 95th percentile of the best silhouette of ``num_clients`` directions uniform on the
+    sphere (0.146 for 12 clients, 0.090 for 36 at ``dim`` 64), for the comparison table."""
+    from atlas_pl.algorithms.clustering import cluster_clients
+
+    rng = np.random.default_rng(0)
+    best = [max(cluster_clients(rng.standard_normal((num_clients, dim)), "auto", min_silhouette=-1.0)
+                .silhouette_by_k.values()) for _ in range(draws)]  # fmt: skip
+    return float(np.quantile(best, 0.95))
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (signal, k_tolerance): mean ARI, seeds with merged groups, K per seed, and K per seed had the
-    ``min_silhouette`` bar been each of ``BARS`` (re-read from the silhouettes, ``pick_k``)."""
+    """Per (signal, ``min_silhouette``, k_tolerance): mean ARI, seeds with merged groups, K per seed, and K per seed
+    had the bar been each of ``BARS`` (re-read from the silhouettes, ``pick_k``)."""
     from atlas_pl.algorithms.clustering import pick_k
+
+    def bar_value(bar: str | float, row: dict) -> float:
+        return row[f"{bar}_bar"] if bar in ("chance", "uniform") else float(bar)
 
     out = []
     for signal in SIGNALS:
-        for tol in TOLERANCES:
-            sel = [r for r in rows if r["signal"] == signal and r["k_tolerance"] == tol]
-            if sel:
-                out.append({"signal": signal, "k_tolerance": tol, "seeds": len(sel),
-                            "ari_group_mean": statistics.fmean(r["ari_group"] for r in sel),
-                            "seeds_with_merged_groups": sum(r["merged"] > 0 for r in sel),
-                            "merged_pairs": [r["merged"] for r in sel], "split_pairs": [r["split"] for r in sel],
-                            "K": [r["K"] for r in sel],
-                            "K_at_min_silhouette": {bar: [pick_k(r["silhouette_by_k"], bar, tol) for r in sel]
-                                                    for bar in BARS}})  # fmt: skip
+        for run_bar in RUN_BARS:
+            for tol in TOLERANCES:
+                sel = [
+                    r for r in rows if (r["signal"], r["min_silhouette"], r["k_tolerance"]) == (signal, run_bar, tol)
+                ]
+                if sel:
+                    out.append({"signal": signal, "min_silhouette": run_bar, "bar": sel[0]["bar"], "k_tolerance": tol,
+                                "seeds": len(sel), "ari_group_mean": statistics.fmean(r["ari_group"] for r in sel),
+                                "ari_group": [r["ari_group"] for r in sel],
+                                "seeds_with_merged_groups": sum(r["merged"] > 0 for r in sel),
+                                "merged_pairs": [r["merged"] for r in sel], "split_pairs": [r["split"] for r in sel],
+                                "K": [r["K"] for r in sel],
+                                "best_silhouette": [max(r["silhouette_by_k"].values(), default=None) for r in sel],
+                                "chance_bar": [r["chance_bar"] for r in sel], "uniform_bar": sel[0]["uniform_bar"],
+                                "ari_group_at_true_k": [r["ari_group_at_true_k"] for r in sel],
+                                "K_at_min_silhouette": {bar: [pick_k(r["silhouette_by_k"], bar_value(bar, r), tol)
+                                                              for r in sel] for bar in BARS}})  # fmt: skip
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--workload", choices=("minilm_conflict", "minilm"), default="minilm_conflict")
+    p.add_argument("--workload", choices=tuple(WORKLOADS), default="minilm_conflict")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-cluster the fingerprints stored by an earlier run (<out>/<stem>_fingerprints.npz) "
+                        "instead of computing them: seconds instead of minutes, for a change of the rule")  # fmt: skip
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    stem = "conflict_clustering" if args.workload == "minilm_conflict" else f"{args.workload}_clustering"
     rows: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
+    stored = np.load(args.out / f"{stem}_fingerprints.npz") if args.rescore else None
     for seed in args.seeds:
-        dm, fed, truth = build(seed, args.workload)
-        for signal, prints in fingerprints(dm, fed, seed).items():
+        if stored is not None:
+            if f"groups_seed{seed}" not in stored:
+                raise SystemExit(f"{stem}_fingerprints.npz has no seed {seed}; run without --rescore to compute it")
+            truth = [int(g) for g in stored[f"groups_seed{seed}"]]
+            prints_by_signal = {s: stored[f"{s}_seed{seed}"].astype(np.float64) for s in SIGNALS}
+        else:
+            dm, fed, truth = build(seed, args.workload)
+            prints_by_signal = fingerprints(dm, fed, seed)
+        for signal, prints in prints_by_signal.items():
             rows.extend(score(prints, truth, seed, signal))
-        print(json.dumps([{k: r[k] for k in ("seed", "signal", "k_tolerance", "K", "ari_group", "merged", "split")}
-                          for r in rows[-4:]]), flush=True)  # fmt: skip
+            arrays[f"{signal}_seed{seed}"] = prints.astype(np.float32)
+        arrays[f"groups_seed{seed}"] = np.asarray(truth)
+        print(json.dumps([{k: r[k] for k in ("seed", "signal", "min_silhouette", "k_tolerance", "K", "ari_group",
+                                             "merged", "split")}
+                          for r in rows[-8:]]), flush=True)  # fmt: skip
     summary = summarize(rows)
     report = {"settings": {"workload": args.workload, "num_batches": NUM_BATCHES, "dim": 64,
-                           "k_range": [2, 10], "min_silhouette": 0.25, "seeds": args.seeds},
+                           "k_range": [2, 10], "min_silhouette": list(RUN_BARS), "seeds": args.seeds},
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "threads": 1},
               "summary": summary, "rows": rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "conflict_clustering" if args.workload == "minilm_conflict" else f"{args.workload}_clustering"
     atomic_write_bytes(args.out / f"{stem}.json", json.dumps(report, indent=1, default=str).encode())
     buf = io.StringIO()
-    fields = ["seed", "signal", "k_tolerance", "K", "silhouette", "ari_group", "merged", "split"]
+    fields = [
+        "seed",
+        "signal",
+        "min_silhouette",
+        "bar",
+        "k_tolerance",
+        "K",
+        "silhouette",
+        "ari_group",
+        "merged",
+        "split",
+    ]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(args.out / f"{stem}.csv", buf.getvalue().encode())
+    npz = io.BytesIO()
+    np.savez_compressed(npz, **arrays)  # the fingerprints, to try other rules without recomputing them
+    atomic_write_bytes(args.out / f"{stem}_fingerprints.npz", npz.getvalue())
     for s in summary:
         print(s)
     return report

@@ -10,7 +10,14 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d, pick_k
+from atlas_pl.algorithms.clustering import (
+    ClusterResult,
+    chance_silhouette,
+    cluster_clients,
+    clustering_scores,
+    embed_2d,
+    pick_k,
+)
 from atlas_pl.algorithms.fingerprint import project_gradients
 from atlas_pl.algorithms.plots import plot_fingerprints
 
@@ -155,7 +162,69 @@ def test_cluster_result_round_trips_through_plain_json():
 
     assert restored.labels == result.labels and restored.silhouette_by_k == result.silhouette_by_k
     assert restored.left_out == [3] and restored.silhouette == result.silhouette
+    assert restored.min_silhouette == result.min_silhouette == 0.25
     np.testing.assert_array_equal(restored.centers, result.centers)
+
+
+# --- the chance bar -----------------------------------------------------------------------------------------------
+
+
+def _noisy_groups(num_groups: int, per_group: int, noise: float, seed: int = 1) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_groups, 64))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    rows = np.repeat(centers, per_group, axis=0) + noise * rng.standard_normal((num_groups * per_group, 64))
+    return rows, [g for g in range(num_groups) for _ in range(per_group)]
+
+
+def _one_task_noise(seed: int, num_clients: int = 12) -> np.ndarray:
+    """One task's fingerprints: a common direction plus noise concentrated in 3 of 64 directions."""
+    scales = np.r_[np.full(3, 1.0), np.full(61, 0.1)]
+    return 2 * np.eye(64)[0] + np.random.default_rng(seed).standard_normal((num_clients, 64)) * scales
+
+
+def test_chance_bar_keeps_one_cluster_for_anisotropic_noise_that_clears_the_fixed_bar():
+    """Noise in few directions scores silhouettes above 0.25; the Gaussian null shaped like the data does too."""
+    fixed = [cluster_clients(_one_task_noise(100 + s), "auto").num_clusters for s in range(10)]
+    chance = [
+        cluster_clients(_one_task_noise(100 + s), "auto", min_silhouette="chance").num_clusters for s in range(10)
+    ]
+
+    assert all(k > 1 for k in fixed)  # 0.25 splits one task's noise every time
+    assert sum(k > 1 for k in chance) <= 2  # the 95th percentile of the null: about 1 in 20 by design
+
+
+def test_chance_bar_finds_groups_of_many_clients_below_the_fixed_bar():
+    """36 clients of 6 groups whose best silhouette is under 0.25 but far above one Gaussian's."""
+    rows, true = _noisy_groups(num_groups=6, per_group=6, noise=0.19)
+
+    fixed = cluster_clients(rows, "auto", min_silhouette=0.25)
+    chance = cluster_clients(rows, "auto", min_silhouette="chance")
+
+    assert chance.min_silhouette < max(chance.silhouette_by_k.values()) < 0.25
+    assert fixed.num_clusters == 1
+    assert chance.num_clusters == 6 and clustering_scores(chance.labels, true)["ari"] > 0.9
+    assert chance.min_silhouette == pytest.approx(chance_silhouette(rows))
+
+
+def test_chance_bar_has_little_power_with_two_clients_per_group():
+    """The documented limit: 12 clients in 6 pairs look like one Gaussian's draws unless the pairs are tight."""
+    tight, _ = _noisy_groups(num_groups=6, per_group=2, noise=0.1)
+    loose, _ = _noisy_groups(num_groups=6, per_group=2, noise=0.15)
+
+    assert cluster_clients(tight, "auto", min_silhouette="chance").num_clusters == 6
+    loose_result = cluster_clients(loose, "auto", min_silhouette="chance")
+    assert loose_result.num_clusters == 1 and max(loose_result.silhouette_by_k.values()) > 0.25
+
+
+def test_chance_silhouette_with_fewer_than_three_clients_is_infinite():
+    assert chance_silhouette(np.eye(64)[:2]) == float("inf")
+
+
+@pytest.mark.parametrize("bad", [1.5, -2, "auto", None, True])
+def test_invalid_min_silhouette_raises_naming_the_choices(bad):
+    with pytest.raises(ValueError, match="`min_silhouette` must be a number in \\[-1, 1\\] or 'chance'"):
+        cluster_clients(np.eye(4), "auto", min_silhouette=bad)
 
 
 # --- scores -------------------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ def _setup(seed: int, num_clients: int = 12, **fed_kwargs):
     return fed, dm
 
 
-
 @pytest.mark.parametrize("signal", ["grad_B", "contrast"])
 def test_fingerprints_recover_the_synthetic_task_groups_for_five_seeds(tmp_path, signal) -> None:
     aris = []
@@ -99,6 +98,8 @@ def test_constructor_rejects_bad_arguments() -> None:
         TaskClustering(k_tolerance=-0.1)
     with pytest.raises(ValueError, match="'contrast'"):
         TaskClustering(signal="gradient")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_silhouette.*'chance'"):
+        TaskClustering(min_silhouette="random")  # type: ignore[arg-type]
 
 
 def test_dp_noise_reports_an_epsilon(tmp_path) -> None:

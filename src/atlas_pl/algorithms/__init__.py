@@ -13,7 +13,13 @@ from atlas_pl.algorithms.aggregation import (
     aggregation_method,
     merge_lora_states,
 )
-from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
+from atlas_pl.algorithms.clustering import (
+    ClusterResult,
+    chance_silhouette,
+    cluster_clients,
+    clustering_scores,
+    embed_2d,
+)
 from atlas_pl.algorithms.fingerprint import fingerprint_bytes, lora_gradients, project_gradients
 from atlas_pl.algorithms.importance import cluster_importance, module_importance, normalize_importance
 from atlas_pl.algorithms.merge import FactoredUpdate, dense_svd_merge, fedavg, merge_lora, normalize_weights
@@ -36,6 +42,7 @@ __all__ = [
     "aggregate_lora",
     "aggregation_method",
     "clip_to_norm",
+    "chance_silhouette",
     "cluster_clients",
     "cluster_importance",
     "clustering_scores",

@@ -23,7 +23,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from atlas_pl.algorithms.clustering import ClusterResult, cluster_clients, clustering_scores, embed_2d
+from atlas_pl.algorithms.clustering import (
+    ClusterResult,
+    check_min_silhouette,
+    cluster_clients,
+    clustering_scores,
+    embed_2d,
+)
 from atlas_pl.algorithms.fingerprint import fingerprint_bytes, project_gradients
 from atlas_pl.algorithms.plots import plot_fingerprints
 from atlas_pl.algorithms.privacy import dp_epsilon, privatize
@@ -60,7 +66,8 @@ class TaskClustering(Callback):
         normalize: ``global`` or ``per_tensor`` normalization before projection (see ``project_gradients``).
         seed: Seed of the shared projection, of the batch choice and of k-means.
         k_range: ``(k_min, k_max)`` tried by ``"auto"``.
-        min_silhouette: ``"auto"`` keeps one cluster when the best silhouette is below this.
+        min_silhouette: ``"auto"`` keeps one cluster when the best silhouette is below this; ``"chance"``: below
+            what one Gaussian with the fingerprints' own mean and covariance reaches (``chance_silhouette``).
         k_tolerance: ``"auto"`` takes the largest ``K`` whose silhouette is within this fraction of the best
             (0 = the best; see ``cluster_clients``): when unsure, split rather than merge.
         recluster_every: Re-cluster every N rounds (0 = only at fit start).
@@ -82,7 +89,7 @@ class TaskClustering(Callback):
         normalize: Literal["global", "per_tensor"] = "global",
         seed: int = 0,
         k_range: tuple[int, int] = (2, 10),
-        min_silhouette: float = 0.25,
+        min_silhouette: float | Literal["chance"] = 0.25,
         k_tolerance: float = 0.0,
         recluster_every: int = 0,
         dp_noise_multiplier: float = 0.0,
@@ -114,6 +121,7 @@ class TaskClustering(Callback):
         self.sides = sides
         if not 0.0 <= k_tolerance < 1.0:
             raise ValueError(f"`k_tolerance` must be in [0, 1), got {k_tolerance!r}; 0 takes the best-silhouette K")
+        check_min_silhouette(min_silhouette)
         self.normalize, self.seed, self.min_silhouette, self.k_tolerance = normalize, seed, min_silhouette, k_tolerance
         self.k_range = (int(k_range[0]), int(k_range[1]))
         self.recluster_every = recluster_every
@@ -233,6 +241,8 @@ class TaskClustering(Callback):
         out: dict[str, float] = {"clustering/num_clusters": float(result.num_clusters)}
         if result.silhouette is not None:
             out["clustering/silhouette"] = float(result.silhouette)
+        if result.min_silhouette is not None and np.isfinite(result.min_silhouette):
+            out["clustering/min_silhouette"] = float(result.min_silhouette)
         for k in range(result.num_clusters):
             out[f"clustering/size_cluster_{k}"] = float(sum(1 for c in result.labels if c == k))
         out["clustering/left_out"] = float(len(result.left_out))
