@@ -360,9 +360,28 @@ def worker_memory(cfg: dict) -> dict:
 def worker_clients(cfg: dict) -> dict:
     """RSS after building N clients, after one tiny step each (grads dropped), and with gradients kept."""
     out: dict[str, Any] = {"n": cfg["n"]}
+    if cfg.get(
+        "peft_add_adapter"
+    ):  # the path before AdapterBank added adapters layer by layer (benchmarks/build_cost.py)
+        from atlas_pl.lora.adapters import AdapterBank
+
+        AdapterBank._add_on_existing_layers = lambda self, *args: False  # type: ignore[method-assign]
+    from atlas_pl.federation import Federation
+
+    make_client, spent = Federation._make_client, [0.0]
+
+    def timed_make_client(self: Any, *args: Any, **kwargs: Any) -> Any:  # the clients' share of the build
+        t = time.perf_counter()
+        try:
+            return make_client(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    Federation._make_client = timed_make_client  # type: ignore[method-assign]
     t0 = time.perf_counter()
     fed = build_split(cfg["model"], cfg["device"], num_clients=cfg["n"])
     out["build_s"] = time.perf_counter() - t0
+    out["clients_build_s"] = spent[0]
     out["rss_build"], out["rss_build_trim"] = rss_reading()
     batch = make_batch(*cfg["client_batch"], answer_len=2, device=cfg["device"])
     server_opt = fed.clients[0].server_optimizer()  # one server adapter shared by all clients (per_cluster)

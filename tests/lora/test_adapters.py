@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from atlas_pl.algorithms.merge import fedavg
-from atlas_pl.lora.adapters import LoraSpec
+from atlas_pl.lora.adapters import AdapterBank, LoraSpec
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone, split_model
 
@@ -86,3 +86,58 @@ def test_adding_and_resizing_adapters_keeps_every_adapter_trainable() -> None:
     split.bank.delete("c")
     split.add_client_adapter("c", cut_layer=2)
     assert all(p.requires_grad for n in ("a", "b", "c") for p in split.bank.parameters(n))
+
+
+def _bank_of(fast: bool, monkeypatch, dtype: torch.dtype = torch.float32) -> SplitBackbone:
+    """Clients and servers with mixed ranks and cuts, added through the fast path or through peft's add_adapter."""
+    if not fast:
+        monkeypatch.setattr(AdapterBank, "_add_on_existing_layers", lambda self, *args: False)
+    torch.manual_seed(0)
+    backbone = SplitBackbone(load_model("gpt2-tiny", overrides=TINY).to(dtype), 1, LoraSpec(rank=2, alpha=4))
+    backbone.add_server_adapter("s0")
+    for i in range(5):
+        backbone.add_client_adapter(f"c{i}", rank=1 + i % 3, rank_pattern={"transformer.h.0.attn.c_attn": 4})
+    backbone.add_client_adapter("c_cut2", cut_layer=2)  # a deeper cut: modules that carry server adapters too
+    backbone.add_server_adapter("s1", rank=3)
+    monkeypatch.undo()
+    return backbone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adding_to_existing_lora_layers_equals_peft_add_adapter(monkeypatch, dtype) -> None:
+    """The O(1)-per-adapter path makes bit-for-bit what PeftModel.add_adapter makes (weights, dtypes, trainable
+    flags, ranks, peft configs), so build cost no longer grows with the number of adapters already there."""
+    fast, slow = _bank_of(True, monkeypatch, dtype), _bank_of(False, monkeypatch, dtype)
+
+    fast_state, slow_state = fast.state_dict(), slow.state_dict()
+    assert fast_state.keys() == slow_state.keys()
+    for key, value in fast_state.items():
+        assert value.dtype == slow_state[key].dtype, key
+        torch.testing.assert_close(value, slow_state[key], rtol=0, atol=0)
+    trainable = {n: p.requires_grad for n, p in fast.named_parameters()}
+    assert trainable == {n: p.requires_grad for n, p in slow.named_parameters()}
+    assert sum(trainable.values()) > 0
+    assert fast.bank.ranks == slow.bank.ranks
+    assert fast.bank.peft_model.peft_config == slow.bank.peft_model.peft_config
+    # the adapters of half-precision models are upcast to float32, as peft does
+    assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if "lora_" in n)
+
+
+def test_adding_an_adapter_never_walks_the_whole_model(monkeypatch) -> None:
+    """With the targets already LoRA layers, adding one more adapter walks neither the model nor a block."""
+    backbone = SplitBackbone(load_model("gpt2-tiny", overrides=TINY), 2, LoraSpec(rank=2, alpha=4))
+    backbone.add_client_adapter("c0")
+    containers = {id(m) for m in backbone.bank.base.modules() if any(True for _ in m.children())}
+    containers -= {id(m) for _, m in backbone.bank._layers}  # a LoRA layer's own few modules may be visited
+    calls = []
+    original = torch.nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        if id(self) in containers:
+            calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+    backbone.add_client_adapter("c1")
+    monkeypatch.undo()
+    assert calls == [] and "c1" in backbone.bank.ranks
