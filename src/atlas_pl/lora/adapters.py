@@ -215,6 +215,7 @@ class AdapterBank:
         """
         if name not in self.ranks:
             raise KeyError(f"unknown adapter {name!r}; known adapters: {self.names[:8]}...")
+        touched = set(self.ranks[name])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             for _, layer in self._layers:
@@ -223,6 +224,8 @@ class AdapterBank:
         assert self.peft_model is not None
         self.peft_model.peft_config.pop(name, None)
         del self.ranks[name]
+        # deleting an active adapter makes peft activate another and freeze every other adapter of the layer
+        self._keep_trainable(touched)
 
     def resize(self, name: str, rank_pattern: dict[str, int], scaling: float, dropout: float = 0.0) -> None:
         """Re-create adapter ``name`` on the same modules with per-module ranks (fresh LoRA init: ``B = 0``).
