@@ -136,7 +136,7 @@ def cluster_clients(
     with threadpool_limits(limits=1, user_api="openmp"):
         if num_clusters == "auto":
             bar = (
-                chance_silhouette(points, tuple(k_range), n_init=n_init, seed=seed)
+                chance_silhouette(points, (int(k_range[0]), int(k_range[1])), n_init=n_init, seed=seed)
                 if min_silhouette == "chance"
                 else float(min_silhouette)
             )
@@ -195,7 +195,7 @@ def chance_silhouette(
             sample = mean + (rng.standard_normal((n, len(spread))) * (spread / np.sqrt(n - 1))) @ axes
             sample /= np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
             scores: dict[int, float] = {}
-            _choose_k(sample, seed, tuple(k_range), -1.0, n_init, scores)
+            _choose_k(sample, seed, (int(k_range[0]), int(k_range[1])), -1.0, n_init, scores)
             if scores:
                 best.append(max(scores.values()))
     return float(np.quantile(best, quantile)) if best else float("inf")

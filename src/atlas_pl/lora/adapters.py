@@ -173,7 +173,7 @@ class AdapterBank:
         layers = [(module, layer) for module, layer in self._layers if module in wanted]
         if self.peft_model is None or len(layers) != len(wanted):
             return False
-        tuner = self.peft_model.base_model
+        tuner: Any = self.peft_model.base_model  # peft.LoraModel
         self.peft_model.peft_config[name] = config
         try:
             for module, layer in layers:
