@@ -140,14 +140,15 @@ class AdapterBank:
             rank_pattern=dict(rank_pattern or {}),
             alpha_pattern={m: alpha * r / rank for m, r in (rank_pattern or {}).items()},
         )
+        # peft's whole-model path may create LoRA layers and freezes inactive adapters; the layer-wise one does neither
+        whole_model = True
         if self.peft_model is None:
             self.peft_model = get_peft_model(self.base, config, adapter_name=name)
-            self._layers = [(n, m) for n, m in self.base.named_modules() if isinstance(m, LoraLayer)]
         elif self._add_on_existing_layers(name, config, module_names):
-            self.ranks[name] = {n: int(m.r[name]) for n, m in self._layers if name in m.lora_A}
-            return  # every adapter of these layers is still trainable: nothing was frozen
+            whole_model = False
         else:
             self.peft_model.add_adapter(name, config)
+        if whole_model:
             self._layers = [(n, m) for n, m in self.base.named_modules() if isinstance(m, LoraLayer)]
         self.ranks[name] = {n: int(m.r[name]) for n, m in self._layers if name in m.lora_A}
         unexpected = set(self.ranks[name]) ^ set(module_names)
@@ -156,7 +157,8 @@ class AdapterBank:
                 f"adapter {name!r} should cover exactly {len(module_names)} modules, but differs on "
                 f"{sorted(unexpected)[:3]}; check `target_modules`"
             )
-        self._keep_trainable(set(module_names))
+        if whole_model:
+            self._keep_trainable(set(module_names))
 
     def _add_on_existing_layers(self, name: str, config: LoraConfig, module_names: list[str]) -> bool:
         """Add ``name`` where every target is a LoRA layer already: peft's own per-module step, in model order.
