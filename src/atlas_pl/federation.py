@@ -6,11 +6,22 @@ callbacks (``TaskClustering``, ``RankAllocation``, ``ClusterAggregation``) reach
 federation protocol (``atlas_pl.protocol``) implemented below; which adapter each client trains with is the
 ``ClientRoster``'s business. The module never aggregates by itself: without ``ClusterAggregation`` every client keeps
 its own adapters (the local-only baseline).
+
+Sharded over ``P`` processes (``--trainer.strategy client_parallel --trainer.devices P``),
+each process hosts the clients ``c`` with ``c mod P`` equal to its rank (:func:`atlas_pl.distributed.owner_of`) over its
+own copy of the frozen model, trains only those, and evaluates only those; the phase callbacks gather what they need
+across processes (fingerprints, allocations, pulled LoRA factors). A client's own adapters live in its process only. An
+adapter shared by clients of several processes (a cluster's server adapter under ``share: server``, both adapters
+under ``share: all``) is trained as one copy per process on that process's clients and the copies are averaged at
+round end, weighted by the examples of the clients that trained them (SplitFed-V1 semantics; each copy keeps its own
+AdamW moments). Metrics, traffic and fault records are summed over processes; checkpoints hold every client's adapters
+and optimizer state from the process that hosts it, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, Literal, cast
@@ -18,22 +29,25 @@ from typing import Any, Literal, cast
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from typing_extensions import override
 
 from atlas_pl.client import SplitClient
 from atlas_pl.data.client_data import sample_client_batches
+from atlas_pl.distributed import all_reduce_sum, gather_objects, owner_of
 from atlas_pl.evaluation import EvaluationSpec, FederatedEvaluator, tasks_from_datamodule
 from atlas_pl.faults import FaultSpec, check_step, describe
 from atlas_pl.lora.adapters import LoraSpec
-from atlas_pl.metrics import PerClientMean
+from atlas_pl.metrics import PerClientMean, synced
 from atlas_pl.models import load_model
 from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
 from atlas_pl.rng import rng_state, set_rng_state
 from atlas_pl.roster import ClientRoster, Share
 from atlas_pl.split.backbone import SplitBackbone
-from atlas_pl.split.channel import Compression, InProcessChannel
+from atlas_pl.split.channel import ChannelStats, Compression, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.signal import SignalKind, task_signal
+from atlas_pl.strategies import ClientParallelStrategy
 
 
 def is_round_end(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -121,6 +135,7 @@ class Federation(L.LightningModule):
         self._round_start_bytes = (0, 0)
         self._round_start_time = 0.0
         self._predicted: list[int] = [0] * num_clients  # examples predicted per client (``predict_step`` ids)
+        self.shard_rank, self.num_shards = 0, 1  # this process's shard of the clients (see the module docstring)
 
     @property
     def cluster_ids(self) -> list[int]:
@@ -140,9 +155,13 @@ class Federation(L.LightningModule):
         )
 
     # ------------------------------------------------------------------------------ the federation protocol
+    replicates_clients = True
+    """Every process keeps every client's adapters and layout (it trains only its shard): phase callbacks apply every
+    client's ``resize`` in every process, in client order, so a sharded run draws the same initial factors."""
+
     def local_clients(self) -> list[int]:
-        """Every client: a ``Federation`` simulates all of them in this process."""
-        return list(range(self.num_clients))
+        """The clients this process hosts: all of them in one process, ``c mod P == rank`` when sharded."""
+        return [c for c in range(self.num_clients) if owner_of(c, self.num_shards) == self.shard_rank]
 
     def cluster_of(self, client: int) -> int:
         return self.roster.cluster_ids[client]
@@ -243,15 +262,34 @@ class Federation(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        if self._trainer is not None and self.trainer.world_size > 1:
-            raise ValueError(
-                f"Federation simulates all clients in one process; it cannot shard them over "
-                f"{self.trainer.world_size} processes yet (adapters would diverge between processes). Run with "
-                "one device, or use ClusterAggregation with ClientParallelStrategy where each process is one client"
-            )
+        if self._trainer is not None:
+            self.shard(int(self.trainer.global_rank), int(self.trainer.world_size), self.trainer.strategy)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "num_examples"):
             self.attach_data(dm)
+
+    def shard(self, rank: int, num_shards: int, strategy: Any = None) -> None:
+        """Host the clients ``c`` with ``c mod num_shards == rank`` in this process (``setup`` calls it).
+
+        Raises:
+            ValueError: Several processes under a strategy other than ``ClientParallelStrategy`` (DDP would average
+                gradients of different clients and demand equal shapes), or fewer clients than processes.
+        """
+        if num_shards > 1 and not isinstance(strategy, ClientParallelStrategy):
+            raise ValueError(
+                f"a Federation over {num_shards} processes needs ClientParallelStrategy (each process trains its own "
+                f"shard of clients; {type(strategy).__name__} would synchronise their gradients). Fix: "
+                "--trainer.strategy client_parallel"
+            )
+        if num_shards > self.num_clients:
+            raise ValueError(
+                f"{num_shards} processes for {self.num_clients} clients: every process must host one at least. "
+                f"Fix: --trainer.devices <= {self.num_clients}"
+            )
+        self.shard_rank, self.num_shards = rank, num_shards
+        if num_shards > 1:  # every logged value is summed over the processes already (``synced``): no sync_dist
+            warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level",
+                                    category=PossibleUserWarning)  # fmt: skip
 
     def attach_data(self, dm: Any) -> None:
         """Take client sizes, client tasks and the task list (heads, evaluation) from a set-up datamodule.
@@ -335,7 +373,7 @@ class Federation(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
         idx = int(batch["client_idx"])
-        if idx in self._round_faults:  # left out for the rest of the round
+        if idx < 0 or idx in self._round_faults:  # a sharded round's idle padding step; a client left out
             return
         opts = cast(list, self.optimizers())
         ci, si = self.optimizer_index(idx)
@@ -378,26 +416,99 @@ class Federation(L.LightningModule):
             self.end_round()
 
     def end_round(self) -> None:
-        """Log the round: traffic (aggregation included), participants, time and train loss per client/cluster/task."""
-        participants = self.participants()
+        """Log the round: traffic (aggregation included), participants, time and train loss per client/cluster/task.
+
+        Sharded, it first averages the copies of shared adapters (:meth:`sync_shared_adapters`) and sums traffic,
+        participants and faults over the processes.
+        """
+        self.sync_shared_adapters()
         up0, down0 = self._round_start_bytes
         stats = self.channel.stats
+        parts = gather_objects((self.participants(), len(self._round_faults), stats.bytes_up - up0,
+                                stats.bytes_down - down0))  # fmt: skip
+        participants = sorted(c for part in parts for c in part[0])
+        self.consolidate_records()
         metrics = {
-            "comm/bytes_up": float(stats.bytes_up - up0),
-            "comm/bytes_down": float(stats.bytes_down - down0),
+            "comm/bytes_up": float(sum(p[2] for p in parts)),
+            "comm/bytes_down": float(sum(p[3] for p in parts)),
             "round/participants": float(len(participants)),
-            "round/faults": float(len(self._round_faults)),
+            "round/faults": float(sum(p[1] for p in parts)),
             "round/seconds": time.perf_counter() - self._round_start_time,
         }
-        losses = self.train_loss.per_client()
-        for i in participants:
-            metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
-        for k, v in self.train_loss.grouped(self.cluster_ids).items():
-            metrics[f"train_loss/cluster_{k}"] = v
-        for scope, v in self.per_task(self.train_loss).items():
-            metrics[f"train_loss/{scope}"] = v
-        metrics["train_loss/round"] = self.train_loss.overall()
+        with synced(self.train_loss):
+            losses = self.train_loss.per_client()
+            for i in participants:
+                metrics[f"train_loss/client_{i:03d}"] = float(losses[i])
+            for k, v in self.train_loss.grouped(self.cluster_ids).items():
+                metrics[f"train_loss/cluster_{k}"] = v
+            for scope, v in self.per_task(self.train_loss).items():
+                metrics[f"train_loss/{scope}"] = v
+            metrics["train_loss/round"] = self.train_loss.overall()
         self.log_round(metrics)
+
+    # ------------------------------------------------------------------------------------------ sharding
+    def adapter_users(self) -> dict[str, set[int]]:
+        """Every adapter some client trains with → the processes hosting those clients."""
+        users: dict[str, set[int]] = {}
+        for c in range(self.num_clients):
+            for side in ("client", "server"):
+                users.setdefault(self.roster.adapter(c, side), set()).add(owner_of(c, self.num_shards))  # type: ignore[arg-type]
+        return users
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The trainable tensors of adapter ``name``: its LoRA factors, and a server adapter's task heads."""
+        if name in self.backbone.server_adapters:
+            return self.backbone.server_parameters(name)
+        return self.backbone.bank.parameters(name)
+
+    @torch.no_grad()
+    def sync_shared_adapters(self) -> None:
+        """Average the per-process copies of adapters shared across processes (one all-reduce; no-op unsharded).
+
+        Each copy counts the training examples of the hosted clients that trained it this round; a copy nobody
+        trained counts zero, and an adapter nobody trained anywhere stays as it is.
+        """
+        if self.num_shards == 1:
+            return
+        shared = sorted(name for name, ranks in self.adapter_users().items() if len(ranks) > 1)
+        if not shared:
+            return
+        trained = set(self.participants())
+        params = [self.adapter_parameters(name) for name in shared]
+        weights = torch.tensor(
+            [sum(float(self.num_examples[c]) for c in trained if name in (self.roster.adapter(c, "client"),
+             self.roster.adapter(c, "server"))) for name in shared], dtype=torch.float64, device=self.device,
+        )  # fmt: skip
+        flat = torch.cat([w * torch.cat([p.reshape(-1).double() for p in ps]) for w, ps in zip(weights, params)])
+        all_reduce_sum(flat)
+        all_reduce_sum(weights)
+        offset = 0
+        for w, ps in zip(weights, params):
+            for p in ps:
+                n = p.numel()
+                if w > 0:
+                    p.copy_((flat[offset : offset + n] / w).view_as(p).to(p.dtype))
+                offset += n
+
+    def consolidate_records(self) -> None:
+        """Sharded: every process's fault log of this round to all, channel totals onto process 0 (others zero).
+
+        Afterwards the fault log is the same everywhere and the channel counts summed over processes are unchanged,
+        so process 0 (which writes results and checkpoints) holds the federation's totals.
+        """
+        if self.num_shards == 1:
+            return
+        round_idx = int(self.current_epoch)
+        local = set(self.local_clients())
+        mine = [r for r in self.fault_log if r["round"] == round_idx and r["client"] in local]
+        parts = gather_objects((mine, self.channel.stats.state_dict()))
+        records = sorted((r for part, _ in parts for r in part), key=lambda r: r["client"])
+        self.fault_log = [r for r in self.fault_log if r["round"] != round_idx] + records
+        totals = ChannelStats()
+        if self.shard_rank == 0:
+            for _, state in parts:
+                totals = totals.merged(state)
+        self.channel.stats.load_state_dict(totals.state_dict())
 
     def log_round(self, metrics: dict[str, float]) -> None:
         """Log per-round metrics: to callbacks (``callback_metrics``) and to the loggers with ``step = round``."""
@@ -423,9 +534,14 @@ class Federation(L.LightningModule):
         self.on_validation_epoch_start()
 
     def evaluation_metrics(self, prefix: str) -> dict[str, float]:
-        """Metrics per client, cluster, task and overall (see :meth:`FederatedEvaluator.compute`), loss per task."""
-        metrics = self.evaluator.compute(prefix, self.cluster_ids)
-        metrics.update({f"{prefix}_loss/{scope}": v for scope, v in self.per_task(self.evaluator.loss).items()})
+        """Metrics per client, cluster, task and overall (see :meth:`FederatedEvaluator.compute`), loss per task.
+
+        Sharded, every process evaluates its hosted clients and the metrics are summed over processes here.
+        """
+        ev = self.evaluator
+        with synced(ev.loss, ev.acc, ev.score):
+            metrics = ev.compute(prefix, self.cluster_ids)
+            metrics.update({f"{prefix}_loss/{scope}": v for scope, v in self.per_task(ev.loss).items()})
         return metrics
 
     def per_task(self, metric: PerClientMean) -> dict[str, float]:
@@ -482,8 +598,10 @@ class Federation(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        roster = self.roster.state_dict()
+        self.gather_hosted_state(checkpoint, roster)
         checkpoint["federation"] = {
-            **self.roster.state_dict(),
+            **roster,
             "num_examples": list(self.num_examples),
             "history": self.history,
             "fault_log": self.fault_log,
@@ -505,6 +623,40 @@ class Federation(L.LightningModule):
         self.num_examples = list(state.get("num_examples", self.num_examples))
         self.history = list(state.get("history", []))
         self.fault_log = list(state.get("fault_log", []))
-        self.channel.stats.load_state_dict(state.get("channel", {}))
+        self.channel.stats.load_state_dict(state.get("channel", {}) if self.shard_rank == 0 else {})  # totals once
         if state.get("rng"):
             set_rng_state(state["rng"])
+
+    def gather_hosted_state(self, checkpoint: dict[str, Any], roster: dict[str, Any]) -> None:
+        """Sharded: every adapter's tensors, ranks, cut and optimizer state into ``checkpoint`` from its trainer.
+
+        Each comes from the process that trains it (``roster`` gets the ranks and cuts). A no-op in one process;
+        every process must call it (``on_save_checkpoint`` does).
+
+        Adapters trained in one process only come from that process; adapters shared across processes are equal
+        everywhere after :meth:`sync_shared_adapters` and keep process 0's copy and moments.
+        """
+        if self.num_shards == 1:
+            return
+        keys = {id(p): k for k, p in self.named_parameters()}
+        state, opt_states = checkpoint["state_dict"], checkpoint.get("optimizer_states")
+        opt_index = {**getattr(self, "_client_opt_index", {}), **getattr(self, "_server_opt_index", {})}
+        mine: dict[str, Any] = {"tensors": {}, "ranks": {}, "cuts": {}, "optimizers": {}}
+        for name, ranks in self.adapter_users().items():
+            if ranks != {self.shard_rank} or self.shard_rank == 0:
+                continue
+            for p in self.adapter_parameters(name):
+                if keys.get(id(p)) in state:
+                    mine["tensors"][keys[id(p)]] = p.detach().cpu()
+            mine["ranks"][name] = dict(self.backbone.bank.ranks[name])
+            if name in self.backbone.client_cuts:
+                mine["cuts"][name] = self.backbone.client_cuts[name]
+            if opt_states is not None and name in opt_index:
+                mine["optimizers"][opt_index[name]] = opt_states[opt_index[name]]
+        for part in gather_objects(mine)[1:]:
+            state.update(part["tensors"])
+            roster["adapter_ranks"].update(part["ranks"])
+            roster["client_cuts"].update(part["cuts"])
+            for j, opt_state in part["optimizers"].items():
+                if opt_states is not None:
+                    opt_states[j] = opt_state

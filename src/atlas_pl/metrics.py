@@ -6,6 +6,9 @@ and ROUGE-L.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, cast
 
 import torch
@@ -14,6 +17,22 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.text import rouge_score, squad
 from torchmetrics.text import ROUGEScore, SQuAD
+
+from atlas_pl.distributed import gather_objects, is_distributed
+
+
+@contextmanager
+def synced(*metrics: Metric) -> Iterator[None]:
+    """Inside the block, ``metrics`` hold the states of every process (summed); outside, each its own again.
+
+    A no-op in one process. :class:`PerClientMean`'s read-outs (``per_client``, ``grouped``, ``overall``) read the
+    raw states, so a sharded federation reads them inside this block. Every process must enter it.
+    """
+    with ExitStack() as stack:
+        if is_distributed():
+            for metric in metrics:
+                stack.enter_context(metric.sync_context(should_sync=True))
+        yield
 
 
 class PerClientMean(Metric):
@@ -126,11 +145,17 @@ class TaskMetrics(nn.Module):
     def compute(self) -> dict[str, float]:
         """``{"<task>/<metric>": value}`` for every task that received data (scores in ``[0, 1]``)."""
         out: dict[str, float] = {}
+        # under several processes a task counts if any process saw it (compute() is a collective for all of them)
+        updated = [any(flags) for flags in zip(*gather_objects([_has_updates(self.collection(t)) for t in
+                                                                range(len(self.names))]))]  # fmt: skip
         for t, (name, kind) in enumerate(zip(self.names, self.kinds)):
             collection = self.collection(t)
-            if not _has_updates(collection):
+            if not updated[t]:
                 continue
-            for key, value in collection.compute().items():
+            with warnings.catch_warnings():  # a process that saw none of this task's clients joins the sum with zeros
+                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method")
+                computed = collection.compute()
+            for key, value in computed.items():
                 if key.endswith(("_precision", "_recall")):
                     continue
                 scale = 100.0 if kind == "qa" else 1.0

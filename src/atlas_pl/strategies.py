@@ -11,7 +11,7 @@ others at aggregation. The processes agree on the smallest count when the train 
 train that many batches per round (a warning names the counts).
 
     trainer = L.Trainer(strategy=ClientParallelStrategy(), devices=4, callbacks=[ClusterAggregation("exact")])
-    # CLI: --trainer.strategy atlas_pl.strategies.ClientParallelStrategy --trainer.devices 4
+    # CLI: --trainer.strategy client_parallel --trainer.devices 4
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from itertools import islice
 from typing import Any
 
 from lightning.fabric.utilities.data import has_len
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -90,3 +90,11 @@ class FirstBatches:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["dataloader"], name)
+
+
+if ClientParallelStrategy.strategy_name not in StrategyRegistry:  # `--trainer.strategy client_parallel`
+    StrategyRegistry.register(
+        ClientParallelStrategy.strategy_name,
+        ClientParallelStrategy,
+        description="DDP processes without gradient synchronisation: one federated client (or a shard) per process",
+    )

@@ -126,8 +126,9 @@ class RankAllocation(Callback):
         allocations = sorted((a for part in gather_objects(mine) for a in part), key=lambda a: a.client)
         if self.share != "none":
             allocations = share_allocation(allocations, self.share)
+        mirrored = bool(getattr(module, "replicates_clients", False))  # a sharded Federation: every client, same order
         for a in allocations:
-            if a.client in local:
+            if mirrored or a.client in local:
                 module.resize(a.client, dict(a.rank_pattern), a.cut_layer)
         trainer.strategy.setup_optimizers(trainer)  # the resized adapters are new parameters
         self.allocations = [a.as_dict() for a in allocations]

@@ -14,12 +14,13 @@ from typing_extensions import override
 from atlas_pl.data.client_data import MIN_EXAMPLES, client_datasets, client_splits
 from atlas_pl.data.encoding import verbalizer_ids
 from atlas_pl.data.formats import collate
-from atlas_pl.data.sampling import ClientChunkBatchSampler, RoundBatchSampler, sample_clients
+from atlas_pl.data.sampling import ClientChunkBatchSampler, RoundBatchSampler, RoundExamples, sample_clients
 from atlas_pl.data.sources import load_tasks
 from atlas_pl.data.synthetic import GROUPS
 from atlas_pl.data.table import save_table
 from atlas_pl.data.tasks import Task, TaskInfo, TaskSpec, head_ids
 from atlas_pl.data.tokenizers import load_tokenizer
+from atlas_pl.distributed import owner_of
 
 __all__ = ["FederatedDataModule"]
 
@@ -308,7 +309,7 @@ class FederatedDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ dataloaders
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)  # LightningDataModule.trainer: set while a Trainer runs it
         if trainer is None:
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
@@ -332,7 +333,7 @@ class FederatedDataModule(L.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        dataset = [item for client in self.train_datasets for item in client]
+        dataset = RoundExamples(item for client in self.train_datasets for item in client)
         return DataLoader(
             dataset,  # type: ignore[arg-type]
             batch_sampler=self.train_sampler(),
@@ -343,9 +344,11 @@ class FederatedDataModule(L.LightningDataModule):
     def _eval_loader(self, datasets: list[list[dict[str, Any]]]) -> DataLoader:
         self.setup()
         sizes = [len(d) for d in datasets]
+        rank, world_size = self._rank_world()
+        hosted = [c for c in range(len(sizes)) if owner_of(c, world_size) == rank] if world_size > 1 else None
         return DataLoader(
             [item for client in datasets for item in client],  # type: ignore[arg-type]
-            batch_sampler=ClientChunkBatchSampler(_offsets(sizes), sizes, self.batch_size),
+            batch_sampler=ClientChunkBatchSampler(_offsets(sizes), sizes, self.batch_size, hosted),
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=0,
         )

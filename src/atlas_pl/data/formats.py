@@ -211,12 +211,15 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         ``input_ids`` LongTensor[B, T], ``attention_mask`` LongTensor[B, T] (1 real, 0 pad), ``labels``
         (LongTensor[B, T] padded with -100, or LongTensor[B]), ``label`` LongTensor[B] (when items carry it),
         ``client_idx`` and ``task_id`` as python ints, and ``targets`` (list of str) when items carry ``target``.
+        An idle padding item (``{"idle": True, "client_idx": -1}``) comes back as it is.
 
     Raises:
         ValueError: If the batch is empty or mixes clients or tasks.
     """
     if not batch:
         raise ValueError("collate got an empty batch; fix: check the sampler yields non-empty index lists.")
+    if batch[0].get("idle"):  # the padding step of a sharded round (``RoundBatchSampler.idle_index``)
+        return dict(batch[0])
     client_idx = _same(batch, "client_idx")
     task_id = _same(batch, "task_id")
     width = max(len(item["input_ids"]) for item in batch)

@@ -3,6 +3,11 @@
 One Lightning *epoch* is one federated *round*: :class:`RoundBatchSampler` yields, for every client sampled in the
 round, ``local_steps`` batches drawn from that client only. All randomness is derived from ``(seed, round_idx)`` and
 ``(seed, client_idx, round_idx)``, so a resumed run reproduces every round without saving sampler state.
+
+Under several processes (a ``Federation`` sharded with ``ClientParallelStrategy``) client ``c`` is hosted by process
+``c mod P`` for the whole run (:func:`atlas_pl.distributed.owner_of`): each process yields its hosted clients' batches
+and pads its round with *idle* batches (index :attr:`RoundBatchSampler.idle_index`, the one past the last example) up
+to the longest process's count, because Lightning meets every process in a collective at each training step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,21 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["ClientChunkBatchSampler", "RoundBatchSampler", "sample_clients"]
+from atlas_pl.distributed import owner_of
+
+__all__ = ["IDLE_EXAMPLE", "ClientChunkBatchSampler", "RoundBatchSampler", "RoundExamples", "sample_clients"]
+
+IDLE_EXAMPLE: dict = {"idle": True, "client_idx": -1}
+"""What the padding index of a sharded round yields: a batch that trains nobody (``collate`` keeps it as is)."""
+
+
+class RoundExamples(list):
+    """All clients' examples concatenated; index ``len(self)`` is the idle padding example of a sharded round."""
+
+    def __getitem__(self, idx):  # type: ignore[no-untyped-def, override]
+        if isinstance(idx, int) and idx == len(self):
+            return IDLE_EXAMPLE
+        return super().__getitem__(idx)
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> list[int]:
@@ -58,8 +77,9 @@ class RoundBatchSampler(Sampler[list[int]]):
         local_steps: Batches (local optimisation steps) per sampled client per round.
         fraction: Fraction of clients sampled per round, in ``(0, 1]``.
         seed: Non-negative seed.
-        rank: This process's rank; the round's sampled clients are split round-robin across ranks.
-        world_size: Number of processes.
+        rank: This process's rank; it yields the batches of the sampled clients it hosts (``c mod world_size``).
+        world_size: Number of processes; with more than one, every process's round is padded with idle batches to
+            the same length.
         interleave: Shuffle the round's batches across clients (seeded) instead of client after client — the
             pooled-data order of the centralized baseline.
     """
@@ -126,10 +146,23 @@ class RoundBatchSampler(Sampler[list[int]]):
             round_idx: Round index; defaults to the current epoch.
 
         Returns:
-            The sampled clients (sorted) assigned to this rank round-robin.
+            The sampled clients (sorted) this rank hosts (all of them in one process).
         """
-        r = self.epoch if round_idx is None else round_idx
-        return sample_clients(self.num_clients, self.fraction, self.seed, r)[self.rank :: self.world_size]
+        return self.hosted(self.rank, self.epoch if round_idx is None else round_idx)
+
+    def hosted(self, rank: int, round_idx: int) -> list[int]:
+        """The clients sampled in ``round_idx`` that process ``rank`` hosts."""
+        sampled = sample_clients(self.num_clients, self.fraction, self.seed, round_idx)
+        return [c for c in sampled if owner_of(c, self.world_size) == rank]
+
+    @property
+    def idle_index(self) -> int:
+        """Index of the idle padding example: one past the last client's examples (see :class:`RoundExamples`)."""
+        return self.client_offsets[-1] + self.client_sizes[-1]
+
+    def round_length(self, round_idx: int) -> int:
+        """Batches every process yields in ``round_idx``: the longest process's count of real batches."""
+        return max(len(self.hosted(r, round_idx)) for r in range(self.world_size)) * self.local_steps
 
     def client_batches(self, client_idx: int, round_idx: int) -> list[list[int]]:
         """The ``local_steps`` batches (global indices) of one client in one round.
@@ -157,9 +190,11 @@ class RoundBatchSampler(Sampler[list[int]]):
             order = np.random.default_rng([self.seed, round_idx, 7]).permutation(len(batches))
             batches = [batches[i] for i in order]
         yield from batches
+        for _ in range(self.round_length(round_idx) - len(batches)):  # sharded: as many steps as the other processes
+            yield [self.idle_index]
 
     def __len__(self) -> int:
-        return len(self.round_clients()) * self.local_steps
+        return self.round_length(self.epoch)
 
 
 class ClientChunkBatchSampler(Sampler[list[int]]):
@@ -169,15 +204,25 @@ class ClientChunkBatchSampler(Sampler[list[int]]):
         client_offsets: Start index of each client's examples in the concatenated dataset.
         client_sizes: Number of examples of each client (clients with 0 examples are skipped).
         batch_size: Maximum batch size (>= 1).
+        clients: Only these clients' chunks (the clients this process hosts); ``None`` = every client.
     """
 
-    def __init__(self, client_offsets: Sequence[int], client_sizes: Sequence[int], batch_size: int) -> None:
+    def __init__(
+        self,
+        client_offsets: Sequence[int],
+        client_sizes: Sequence[int],
+        batch_size: int,
+        clients: Sequence[int] | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1; fix: pass batch_size >= 1.")
         if len(client_offsets) != len(client_sizes):
             raise ValueError("client_offsets and client_sizes must have equal length; fix: one entry per client.")
         self.client_offsets = [int(o) for o in client_offsets]
         self.client_sizes = [int(n) for n in client_sizes]
+        if clients is not None:
+            keep = {int(c) for c in clients}
+            self.client_sizes = [n if c in keep else 0 for c, n in enumerate(self.client_sizes)]
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[list[int]]:

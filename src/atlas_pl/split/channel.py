@@ -57,6 +57,19 @@ class ChannelStats:
         state["per_client_down"] = dict(self.per_client_down)
         return state
 
+    def merged(self, state: dict) -> ChannelStats:
+        """These counts plus another's (a ``state_dict``): the totals of two processes."""
+        other = ChannelStats()
+        other.load_state_dict(state)
+        out = ChannelStats()
+        for key in ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down",
+                    "fingerprints_up", "messages"):  # fmt: skip
+            setattr(out, key, getattr(self, key) + getattr(other, key))
+        for key in ("per_client_up", "per_client_down"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            setattr(out, key, {c: mine.get(c, 0) + theirs.get(c, 0) for c in sorted({*mine, *theirs})})
+        return out
+
     def load_state_dict(self, state: dict) -> None:
         keys = ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down", "fingerprints_up")
         for key in (*keys, "messages"):
