@@ -31,6 +31,8 @@ from atlas_pl.data import FederatedDataModule
 from atlas_pl.export import export_peft
 from atlas_pl.federation import Federation
 from atlas_pl.io import AtomicCheckpointIO, atomic_write_text
+from atlas_pl.transport.grpc_link import LinkError
+from atlas_pl.transport.wire import Message
 
 PredictSplit = Literal["test", "validation"]
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
@@ -205,6 +207,138 @@ class AtlasTrainer(L.Trainer):
                 print(f"  {folder}")
         return folders
 
+    def serve(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        address: str = "127.0.0.1:50051",
+        token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        clients: list[int] | None = None,
+        output_dir: str | None = None,
+        round_timeout_s: float = 600.0,
+        resume: bool = False,
+    ) -> dict[str, Any]:
+        """Run the server half of the config's federation for clients in other processes (``atlas-pl client``).
+
+        The server holds the server adapters, task heads and their optimizers, answers every client's training and
+        validation batches over gRPC, and runs the config's ``ClusterAggregation`` at every round end; it stops when
+        every expected client has finished. State after every round: ``<output_dir>/server_state.pt``.
+
+        Args:
+            model: The federation (the same config and seed as the clients').
+            datamodule: The datamodule (the server reads the task list and client sizes from it).
+            address: ``host:port`` to listen on (port 0: a free port, written to ``<output_dir>/address``).
+            token: Shared secret the clients must present (``--token``); none: any client is accepted.
+            tls_cert: PEM certificate of the server (TLS with ``tls_key``).
+            tls_key: PEM private key of the server.
+            clients: Client ids expected at every round end (default: all of the config's clients).
+            output_dir: Folder of the server state and log; default ``<default_root_dir>/server``.
+            round_timeout_s: Seconds to wait at a round end for late clients before leaving them out of the merge.
+            resume: Continue from ``<output_dir>/server_state.pt``.
+        """
+        from atlas_pl.callbacks.cluster_aggregation import ClusterAggregation
+        from atlas_pl.transport import LinkServer, SplitServer
+
+        fed = _networked(model, datamodule, list(getattr(self, "callbacks", [])))
+        out = Path(output_dir or os.path.join(self.default_root_dir, "server"))
+        aggregation = next((c for c in getattr(self, "callbacks", []) if isinstance(c, ClusterAggregation)), None)
+        server = SplitServer(fed, aggregation, clients, out, round_timeout_s, resume)
+        link = LinkServer(server, address, token, tls_cert, tls_key).start()
+        atomic_write_text(out / "address", link.address)
+        print(f"atlas-pl serve: listening on {link.address} for clients {server.expected}", flush=True)
+        try:
+            while not set(server.expected) <= server.finished:
+                link.wait(0.2)
+        finally:
+            link.stop()
+        print(f"atlas-pl serve: every client finished; state in {out}", flush=True)
+        return {"completed_round": server.completed_round, "log": server.log}
+
+    def client(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        server: str = "127.0.0.1:50051",
+        clients: list[int] | None = None,
+        token: str | None = None,
+        tls_root_cert: str | None = None,
+        compression: Literal["none", "bf16", "fp16"] = "none",
+        timeout_s: float = 120.0,
+        output_dir: str | None = None,
+        resume: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Train some clients of the config's federation against a server started with ``atlas-pl serve``.
+
+        This process runs the clients' layers and adapters on their own data for ``trainer.max_epochs`` rounds:
+        activations go to the server, activation gradients come back, and at every round end the client adapters
+        are merged by the server. Per round: ``<output_dir>/clients_<ids>.json`` (train and validation loss per
+        client, bytes) and ``clients_<ids>.pt`` (adapters, optimizer moments) for ``--resume true``.
+
+        Args:
+            model: The federation (the same config and seed as the server's).
+            datamodule: The datamodule (each client reads only its own data).
+            server: The server's ``host:port``.
+            clients: Client ids this process runs (default ``[0]``).
+            token: The server's shared token.
+            tls_root_cert: PEM certificate that signed the server's (TLS on).
+            compression: Wire dtype of activations and gradients.
+            timeout_s: Seconds to wait for each reply of the server.
+            output_dir: Folder of the results and state; default ``<default_root_dir>/clients``.
+            resume: Continue from this folder's state of the same clients.
+        """
+        from atlas_pl.transport import LinkClient, RemoteClients
+
+        ids = list(clients) if clients is not None else [0]
+        fed = _networked(model, datamodule, list(getattr(self, "callbacks", [])))
+        out = Path(output_dir or os.path.join(self.default_root_dir, "clients"))
+        stem = out / f"clients_{'_'.join(str(c) for c in ids)}"
+        link = LinkClient(server, token, tls_root_cert, timeout_s)
+        try:
+            remote = RemoteClients(fed, datamodule, link, ids, compression)
+            state = stem.with_suffix(".pt")
+            if resume and not state.exists():
+                raise FileNotFoundError(f"--resume: no client state at {state}; start these clients without --resume")
+            start = remote.load(state) + 1 if resume else 0
+            served = remote.hello()
+            if served != start - 1:
+                raise ValueError(
+                    f"the server has completed round {served} and clients {ids} round {start - 1}: resume both from "
+                    "the same round (--resume true on both after a crash, or a fresh server for a fresh run)"
+                )
+            for round_idx in range(start, int(self.max_epochs or 1)):
+                row = remote.round(round_idx)
+                losses = [v for k, v in row.items() if k.startswith("val_loss/")]
+                print(f"atlas-pl client {ids}: round {round_idx} val loss {sum(losses) / len(losses):.4f}", flush=True)
+                from atlas_pl.transport.remote import save_state
+
+                save_state(stem.with_suffix(".pt"), remote.state_dict(round_idx))
+                atomic_write_text(stem.with_suffix(".json"), json.dumps({"history": remote.history,
+                    "step_seconds": remote.step_seconds}, indent=1))  # fmt: skip
+            for c in ids:
+                remote.link.request(Message("bye", {"client": str(c)}))
+        finally:
+            link.close()
+        return remote.history
+
+
+def _networked(model: Any, datamodule: Any, callbacks: list[Any]) -> Federation:
+    """The federation of ``serve`` / ``client`` with its data attached; phases 1-2 are not networked yet."""
+    from atlas_pl.callbacks import RankAllocation, TaskClustering
+
+    if not isinstance(model, Federation) or datamodule is None:
+        raise ValueError("`serve` and `client` need a Federation model and its datamodule (the run's config)")
+    unsupported = [type(c).__name__ for c in callbacks if isinstance(c, (TaskClustering, RankAllocation))]
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(unsupported)} do not run over the network yet; remove them from trainer.callbacks for "
+            "`serve` and `client` (clients keep the config's ranks and cluster 0), or train in one process with `fit`"
+        )
+    datamodule.setup("fit")
+    model.attach_data(datamodule)
+    return model
+
 
 class AtlasCLI(LightningCLI):
     """``LightningCLI`` with federation defaults: rounds as epochs, round progress, results JSON, round checkpoints.
@@ -216,8 +350,8 @@ class AtlasCLI(LightningCLI):
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands plus ``export`` (``AtlasTrainer.export``)."""
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        """Lightning's subcommands plus ``export``, ``serve`` and ``client`` (methods of ``AtlasTrainer``)."""
+        return {**LightningCLI.subcommands(), **dict.fromkeys(("export", "serve", "client"), {"model", "datamodule"})}
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -317,7 +451,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, LinkError) as err:
         if os.environ.get("ATLAS_PL_DEBUG"):
             traceback.print_exc()
         print(f"atlas-pl: error: {err}\n(set ATLAS_PL_DEBUG=1 for the traceback)", file=sys.stderr)
