@@ -44,7 +44,7 @@ from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
 from atlas_pl.rng import rng_state, set_rng_state
 from atlas_pl.roster import ClientRoster, Share
 from atlas_pl.split.backbone import SplitBackbone
-from atlas_pl.split.channel import ChannelStats, Compression, InProcessChannel
+from atlas_pl.split.channel import ActivationNoise, ChannelStats, Compression, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.signal import SignalKind, task_signal
 from atlas_pl.strategies import ClientParallelStrategy
@@ -84,6 +84,9 @@ class Federation(L.LightningModule):
             pooler is trained (non-zero bias), else ``mean``. Ignored by causal LMs (see ``atlas_pl.split.pooling``).
         faults: What a failing client does to the run (``tolerate``, ``timeout_s``; see ``atlas_pl.faults``): by
             default any client error ends it; with ``tolerate: true`` the client is left out of the round.
+        activation_noise: A privacy defence: noise every client adds to its cut activations before sending
+            (``{multiplier: 1.0, kind: gaussian}``: standard deviation in units of the activations' RMS; see
+            ``atlas_pl.split.channel.ActivationNoise``). Default: none.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Federation(L.LightningModule):
         evaluation: EvaluationSpec | None = None,
         pooling: Pooling = "auto",
         faults: FaultSpec | None = None,
+        activation_noise: ActivationNoise | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -109,8 +113,11 @@ class Federation(L.LightningModule):
         lora = LoraSpec(**lora) if isinstance(lora, dict) else lora or LoraSpec()
         ev = EvaluationSpec(**evaluation) if isinstance(evaluation, dict) else evaluation or EvaluationSpec()
         fault_spec = FaultSpec(**faults) if isinstance(faults, dict) else faults or FaultSpec()
-        self.save_hyperparameters(ignore=["lora", "evaluation", "faults"])
-        self.hparams.update(lora=asdict(lora), evaluation=asdict(ev), faults=asdict(fault_spec))  # plain values
+        noise = ActivationNoise(**activation_noise) if isinstance(activation_noise, dict) else activation_noise
+        noise = noise or ActivationNoise()
+        self.save_hyperparameters(ignore=["lora", "evaluation", "faults", "activation_noise"])
+        self.hparams.update(lora=asdict(lora), evaluation=asdict(ev), faults=asdict(fault_spec),
+                            activation_noise=asdict(noise))  # plain values  # fmt: skip
         self.evaluation = ev
         self.faults = fault_spec
         self.fault_log: list[dict[str, Any]] = []  # every fault: round, client, cluster, reason
@@ -122,7 +129,7 @@ class Federation(L.LightningModule):
         base = load_model(model, task_format, int(overrides.pop("num_labels", 2)), overrides, dtype)
         base.train()  # pretrained checkpoints load in eval mode; fine-tuning runs dropout as Hugging Face does
         self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
-        self.channel = InProcessChannel(compression)
+        self.channel = InProcessChannel(compression, noise)
         self.num_clients = num_clients
         self.roster = ClientRoster(self.backbone, num_clients, share)
         self.num_examples: list[int] = [1] * num_clients

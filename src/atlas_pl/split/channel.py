@@ -14,6 +14,44 @@ import torch
 
 Compression = Literal["none", "fp16", "bf16", "int8"]
 _WIRE_BYTES = {"none": None, "fp16": 2, "bf16": 2, "int8": 1}
+NoiseKind = Literal["gaussian", "laplace"]
+
+
+@dataclass(frozen=True)
+class ActivationNoise:
+    """A defence of the cut activations: the client adds noise to ``h`` before it leaves (``model.activation_noise``).
+
+    The noise is calibrated on each batch's own activations, so one setting means the same noise-to-signal ratio on
+    every model and layer: Gaussian ``N(0, (m·rms(h))²)`` or Laplace with scale ``m·rms(h)/√2`` (the same variance),
+    ``rms(h)`` over the batch's real tokens. The server computes its loss and ``∂L/∂h`` on the noisy ``h``; the
+    client backpropagates that gradient unchanged (the noise is additive). ``multiplier`` 0 turns it off.
+
+    Args:
+        multiplier: ``m``, noise standard deviation in units of the activations' RMS (``>= 0``).
+        kind: ``gaussian`` or ``laplace``.
+    """
+
+    multiplier: float = 0.0
+    kind: NoiseKind = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not self.multiplier >= 0:
+            raise ValueError(f"activation_noise.multiplier must be >= 0 (units of rms(h)), got {self.multiplier!r}")
+        if self.kind not in ("gaussian", "laplace"):
+            raise ValueError(f"activation_noise.kind must be 'gaussian' or 'laplace', got {self.kind!r}")
+
+    def apply(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` plus the calibrated noise (``hidden`` itself when the multiplier is 0)."""
+        if self.multiplier == 0:
+            return hidden
+        with torch.no_grad():
+            real = hidden if attention_mask is None else hidden[attention_mask.bool()]
+            scale = self.multiplier * real.float().pow(2).mean().sqrt()
+            if self.kind == "gaussian":
+                noise = torch.randn_like(hidden, dtype=torch.float32) * scale
+            else:
+                noise = torch.distributions.Laplace(0.0, float(scale) / 2**0.5).sample(hidden.shape).to(hidden.device)
+        return hidden + noise.to(hidden.dtype)
 
 
 @dataclass
@@ -103,12 +141,14 @@ class Channel:
     Args:
         compression: Wire format of activations and gradients: ``"none"`` (their dtype), ``"fp16"``, ``"bf16"`` or
             ``"int8"`` (per-tensor absmax quantization).
+        noise: Noise the client adds to the activations before they leave (:class:`ActivationNoise`; default none).
     """
 
-    def __init__(self, compression: Compression = "none") -> None:
+    def __init__(self, compression: Compression = "none", noise: ActivationNoise | None = None) -> None:
         if compression not in _WIRE_BYTES:
             raise ValueError(f"`compression` must be one of {sorted(_WIRE_BYTES)}, got {compression!r}")
         self.compression: Compression = compression
+        self.noise = noise or ActivationNoise()
         self.stats = ChannelStats()
 
     def _count(self, client_idx: int, up: int = 0, down: int = 0) -> None:
@@ -131,7 +171,7 @@ class Channel:
         self.stats.activations_up += act
         self.stats.metadata_up += meta
         self._count(client_idx, up=act + meta)
-        return self._transfer(hidden).requires_grad_(True)
+        return self._transfer(self.noise.apply(hidden.detach(), metadata.get("attention_mask"))).requires_grad_(True)
 
     def send_gradients(self, grad: torch.Tensor, client_idx: int = 0) -> torch.Tensor:
         """Server → client: ``∂L/∂h`` for the client's backward pass."""

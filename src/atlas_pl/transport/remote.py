@@ -271,7 +271,8 @@ class RemoteClients:
         return float(reply.field("loss"))
 
     def _activations(self, kind: str, client: int, hidden: torch.Tensor, batch: dict) -> Message:
-        wire = hidden.detach() if self.wire is None else hidden.detach().to(self.wire)
+        sent = self.fed.channel.noise.apply(hidden.detach(), batch["attention_mask"])  # the config's defence, if any
+        wire = sent if self.wire is None else sent.to(self.wire)
         tensors = {"hidden": wire, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
         return Message(kind, {"client": str(client), "task_id": str(int(batch.get("task_id", 0)))}, tensors)
 

@@ -1,0 +1,5 @@
+"""Attacks on what a split server sees, to measure privacy (pure torch; no Lightning)."""
+
+from atlas_pl.attacks.inversion import InversionResult, invert_activations, token_scores
+
+__all__ = ["InversionResult", "invert_activations", "token_scores"]
