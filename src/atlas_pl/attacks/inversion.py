@@ -3,7 +3,8 @@
 The server knows the frozen pretrained client layers (and, at round end, the client adapters), so it can search for
 the input whose client-side forward reproduces an observed ``h``: optimize a dummy embedding sequence (``embedding``
 mode) or a softmax-relaxed distribution over the vocabulary (``relaxed`` mode, whose embeddings are convex
-combinations of real token embeddings) to minimise ``‖f(x) − h‖²``, then read tokens out — the nearest token
+combinations of real token embeddings) to minimise ``Σ_t ‖f(x)_t − h_t‖² / ‖h_t‖²`` (each position relative to its
+own norm: pretrained models put outsized activations on a few positions), then read tokens out — the nearest token
 embedding per position, or the distribution's argmax. The attack runs any client half: a forward hook replaces the
 output of the model's input-embedding layer with the dummy embeddings, and the rest of the client forward (position
 embeddings, masks, blocks ``[0, cut)``) is the model's own. Where the embedding block normalizes the sum of token and
@@ -29,7 +30,7 @@ ClientForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_i
 
 @dataclass
 class InversionResult:
-    """Recovered token ids ``[B, T]`` and the final relative activation error ``‖f(x̂) − h‖ / ‖h‖``."""
+    """Recovered token ids ``[B, T]`` and the final relative error: root mean of ``‖f(x̂)_t − h_t‖² / ‖h_t‖²``."""
 
     tokens: torch.Tensor
     relative_error: float
@@ -89,13 +90,15 @@ def invert_activations(
     handle = embedding.register_forward_hook(lambda module, args, output: embeds())
     placeholder = torch.zeros(batch, length, dtype=torch.long, device=weight.device)
     opt = torch.optim.Adam([dummy], lr=lr)
-    scale = float((target * keep).pow(2).sum()).__pow__(0.5) or 1.0
+    # every position counts alike: pretrained LMs put outsized activations on a few positions (attention sinks)
+    weight_t = keep / target.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    real = float(keep.sum()) or 1.0
     error = float("nan")
     try:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            diff = (client_forward(placeholder, attention_mask) - target) * keep
-            loss = diff.pow(2).sum() / scale**2
+            diff = client_forward(placeholder, attention_mask) - target
+            loss = (diff.pow(2) * weight_t).sum() / real
             loss.backward()
             opt.step()
             error = float(loss.detach()) ** 0.5

@@ -1,0 +1,151 @@
+"""What a split server reads back from the cut activations: inversion success per model, cut layer and noise level.
+
+For each pretrained offline model (``minilm-offline``: BERT family; ``smollm2-offline``: LLaMA family), each real task
+(``--tasks``, read from ``../shared/data/<task>/test.jsonl``), each cut layer and each activation-noise multiplier
+(``model.activation_noise``: Gaussian noise in units of the activations' RMS, added by the client before sending),
+the server runs the white-box inversion of :mod:`atlas_pl.attacks` on the activations of ``--examples`` real
+sentences and the scores are recorded: token recall (the attack's success AP), precision, position accuracy, ROUGE-L
+over token ids. The attack mode per model is the one that works on it (``relaxed`` for BERT, whose embedding block
+normalizes; ``embedding`` for LLaMA), overridable with ``--modes``. The client adapter is fresh (``B = 0``), so the
+client half is the pretrained model itself, which the server knows.
+
+Not here yet: the main-task accuracy under each defence (the utility side of the trade-off and DCS), the label
+attacks of the U-shaped split, and the learned inverter. Outputs (atomic): ``<out>/privacy.{json,csv,png}``.
+
+Usage::
+
+    python benchmarks/privacy.py                                      # 2 models x 2 tasks x 2 cuts x 4 noise levels
+    python benchmarks/privacy.py --models smollm2-offline --cuts 1 2 3 --noise 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atlas_pl.attacks import invert_activations, token_scores
+from atlas_pl.data.tokenizers import load_tokenizer
+from atlas_pl.io import atomic_write_bytes
+from atlas_pl.lora.adapters import LoraSpec
+from atlas_pl.models import load_model
+from atlas_pl.split.backbone import SplitBackbone
+from atlas_pl.split.channel import ActivationNoise
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+MODES = {"minilm-offline": "relaxed", "smollm2-offline": "embedding"}
+TASK_FORMAT = {"minilm-offline": "classification", "smollm2-offline": "causal_lm"}
+SETTINGS = {"embedding": (300, 0.05), "relaxed": (250, 0.3)}  # Adam steps, learning rate
+
+
+def sentences(task: str, n: int) -> list[str]:
+    path = DATA / task / "test.jsonl"
+    if not path.exists():
+        raise SystemExit(f"no {path}: put the shared data folder beside the repository (see ../shared/data/README)")
+    with path.open() as f:
+        return [json.loads(line)["text"] for _, line in zip(range(n), f)]
+
+
+def attack_cell(backbone: SplitBackbone, ids: torch.Tensor, mask: torch.Tensor, cut: int, noise: float, mode: str,
+                seed: int) -> dict[str, Any]:  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        hidden = backbone.client_forward(ids, mask, cut)
+        observed = ActivationNoise(noise).apply(hidden, mask)
+    steps, lr = SETTINGS[mode]
+    start = time.perf_counter()
+    result = invert_activations(lambda i, m: backbone.client_forward(i, m, cut), backbone.model.get_input_embeddings(),
+                                observed, mask, mode=mode, steps=steps, lr=lr, seed=seed)  # type: ignore[arg-type]  # fmt: skip
+    return {**token_scores(result.tokens, ids, mask), "relative_error": result.relative_error,
+            "seconds": time.perf_counter() - start, "attack": mode, "steps": steps}  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for task, cut in dict.fromkeys((r["task"], r["cut"]) for r in rows if r["model"] == model):
+            sel = sorted((r for r in rows if (r["model"], r["task"], r["cut"]) == (model, task, cut)),
+                         key=lambda r: r["noise"])  # fmt: skip
+            ax.plot([r["noise"] for r in sel], [r["recall"] for r in sel], "o-", label=f"{task}, cut {cut}")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("activation noise (× rms(h))")
+        ax.set_ylabel("token recall of the inversion (AP)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(model)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
+    p.add_argument("--cuts", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.1, 0.3, 1.0])
+    p.add_argument("--modes", nargs="+", default=None, help="attack modes (default: the one that works per model)")
+    p.add_argument("--examples", type=int, default=4)
+    p.add_argument("--max_length", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    rows = []
+    for model_name in args.models:
+        base = load_model(model_name, TASK_FORMAT[model_name], 2, {}, "float32").eval()
+        backbone = SplitBackbone(base, 1, LoraSpec())
+        backbone.add_client_adapter("client")
+        backbone.add_server_adapter("server")
+        backbone.activate("client", "server")
+        tokenizer = load_tokenizer(model_name)
+        for task in args.tasks:
+            enc = tokenizer(sentences(task, args.examples), padding=True, truncation=True, max_length=args.max_length,
+                            return_tensors="pt")  # fmt: skip
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            for cut in args.cuts:
+                for mode in args.modes or [MODES[model_name]]:
+                    for noise in args.noise:
+                        row = {"model": model_name, "task": task, "cut": cut, "noise": noise,
+                               **attack_cell(backbone, ids, mask, cut, noise, mode, args.seed)}  # fmt: skip
+                        rows.append(row)
+                        print(f"{model_name} {task} cut {cut} noise {noise} {mode}: recall {row['recall']:.3f} "
+                              f"rouge-L {row['rouge_l']:.3f} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+    report = {
+        "settings": {"examples": args.examples, "max_length": args.max_length, "seed": args.seed,
+                     "attack_settings": SETTINGS, "labels_disclosed_two_part_split": 1.0},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cpus": os.cpu_count()},
+        "rows": rows,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out / "privacy.json", json.dumps(report, indent=1).encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(args.out / "privacy.csv", buf.getvalue().encode())
+    plot(rows, args.out / "privacy.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
