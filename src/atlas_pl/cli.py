@@ -335,6 +335,8 @@ def _networked(model: Any, datamodule: Any, callbacks: list[Any]) -> Federation:
             f"{', '.join(unsupported)} do not run over the network yet; remove them from trainer.callbacks for "
             "`serve` and `client` (clients keep the config's ranks and cluster 0), or train in one process with `fit`"
         )
+    if model.backbone.shape != "two_part":
+        raise ValueError("`serve` and `client` run the two-part split only; set model.split_shape: two_part")
     datamodule.setup("fit")
     model.attach_data(datamodule)
     return model

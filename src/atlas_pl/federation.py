@@ -43,7 +43,7 @@ from atlas_pl.models import load_model
 from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
 from atlas_pl.rng import rng_state, set_rng_state
 from atlas_pl.roster import ClientRoster, Share
-from atlas_pl.split.backbone import SplitBackbone
+from atlas_pl.split.backbone import SHAPES, SplitBackbone, SplitShape
 from atlas_pl.split.channel import ActivationNoise, ChannelStats, Compression, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.signal import SignalKind, task_signal
@@ -87,6 +87,9 @@ class Federation(L.LightningModule):
         activation_noise: A privacy defence: noise every client adds to its cut activations before sending
             (``{multiplier: 1.0, kind: gaussian}``: standard deviation in units of the activations' RMS; see
             ``atlas_pl.split.channel.ActivationNoise``). Default: none.
+        split_shape: ``two_part`` (the server runs the rest of the model, the head and the loss: it sees the labels)
+            or ``u_shaped`` (the client keeps the head and the loss: only intermediate activations go up and their
+            gradients come down, labels never leave the client; two more transfers per step, same gradients).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class Federation(L.LightningModule):
         pooling: Pooling = "auto",
         faults: FaultSpec | None = None,
         activation_noise: ActivationNoise | None = None,
+        split_shape: SplitShape = "two_part",
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -128,7 +132,10 @@ class Federation(L.LightningModule):
         overrides = dict(model_overrides or {})
         base = load_model(model, task_format, int(overrides.pop("num_labels", 2)), overrides, dtype)
         base.train()  # pretrained checkpoints load in eval mode; fine-tuning runs dropout as Hugging Face does
+        if split_shape not in SHAPES:
+            raise ValueError(f"`split_shape` must be one of {SHAPES}, got {split_shape!r}")
         self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
+        self.backbone.shape = split_shape
         self.channel = InProcessChannel(compression, noise)
         self.num_clients = num_clients
         self.roster = ClientRoster(self.backbone, num_clients, share)

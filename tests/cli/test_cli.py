@@ -172,3 +172,12 @@ def test_export_writes_a_peft_folder_per_cluster_and_client(tmp_path, in_repo, c
     base = load_model("gpt2-tiny", overrides=json.loads(TINY[1]))
     model = PeftModel.from_pretrained(base, str(out / folders[3]))  # loads into a model of the same architecture
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_u_shaped_split_runs_every_atlas_phase_from_yaml_with_the_head_on_the_clients(tmp_path, in_repo) -> None:
+    main(_demo_args(tmp_path, "--trainer.max_epochs", "2", "--model.split_shape", "u_shaped"))
+    results = json.loads(next((tmp_path / "logs").rglob("results.json")).read_text())
+    traffic = results["traffic"]
+    assert results["hparams"]["split_shape"] == "u_shaped" and len(results["history"]) == 2
+    assert traffic["head_activations_down"] == traffic["head_gradients_up"] > 0  # the head ran on the clients
+    assert (tmp_path / "logs" / "demo" / "checkpoints" / "last.ckpt").exists()

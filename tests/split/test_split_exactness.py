@@ -39,13 +39,15 @@ def _randomize_lora(bank, name: str, seed: int) -> None:
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
+@pytest.mark.parametrize("shape", ["two_part", "u_shaped"])
 @pytest.mark.parametrize(("name", "task"), CASES)
-def test_split_step_lora_gradients_match_monolithic_peft(name: str, task: str) -> None:
+def test_split_step_lora_gradients_match_monolithic_peft(name: str, task: str, shape: str) -> None:
     torch.manual_seed(0)
     base = load_model(name, task, num_labels=2, overrides=TINY).eval()
     reference = copy.deepcopy(base)
     # peft's sequence classifier reads BERT's pooler; the other pooling modes are checked in test_pooling.py
     split = SplitBackbone(base, cut_layer=2, lora=LoraSpec(rank=4, alpha=8), pooling="pooler")
+    split.shape = shape  # type: ignore[assignment]
     split.add_client_adapter("c")
     split.add_server_adapter("s")
     _randomize_lora(split.bank, "c", 1)
@@ -110,3 +112,35 @@ def test_a_client_cutting_later_than_the_backbone_matches_monolithic_peft() -> N
     unused = [m for m in split.bank.factors("s") if m not in server]
     assert unused and all(split.bank.factors("s")[m][1].grad is None for m in unused)
     assert split.cut_of("c") == 3 and split.cut_of("s") == 1
+
+
+class _Spy(InProcessChannel):
+    """An in-process channel that records what the server is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metadata_keys: list[str] = []
+
+    def send_activations(self, hidden, metadata, client_idx=0):  # type: ignore[no-untyped-def]
+        self.metadata_keys += list(metadata)
+        return super().send_activations(hidden, metadata, client_idx)
+
+
+@pytest.mark.parametrize(("name", "task"), CASES)
+def test_a_u_shaped_step_keeps_the_labels_on_the_client_and_pays_two_more_transfers(name: str, task: str) -> None:
+    torch.manual_seed(0)
+    split = SplitBackbone(load_model(name, task, num_labels=2, overrides=TINY).eval(), 2, LoraSpec(rank=4))
+    split.add_client_adapter("c")
+    split.add_server_adapter("s")
+    stats = {}
+    for shape in ("two_part", "u_shaped"):
+        split.shape = shape  # type: ignore[assignment]
+        channel = _Spy()
+        split_forward_backward(split, channel, _batch(task), "c", "s")
+        stats[shape] = (channel.metadata_keys, channel.stats)
+    assert "labels" in stats["two_part"][0] and "labels" not in stats["u_shaped"][0]
+    two, u = stats["two_part"][1], stats["u_shaped"][1]
+    assert u.activations_up == two.activations_up and u.gradients_down == two.gradients_down
+    assert u.metadata_up < two.metadata_up
+    assert u.head_activations_down == u.head_gradients_up > 0 == two.head_activations_down
+    assert u.bytes_down == two.bytes_down + u.head_activations_down

@@ -28,6 +28,8 @@ from atlas_pl.split.registry import (
 )
 
 Objective = Literal["cross_entropy", "contrast"]
+SplitShape = Literal["two_part", "u_shaped"]
+SHAPES = ("two_part", "u_shaped")
 
 
 def contrast_loss(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -122,6 +124,7 @@ class SplitBackbone(nn.Module):
         self.task_num_labels: list[int] | None = None
         self.task_heads: list[int] | None = None  # task id -> head id (None: each task its own head)
         self.objective: Objective = "cross_entropy"
+        self.shape: SplitShape = "two_part"  # where the head and the loss run (see ``atlas_pl.split.step``)
         self.client_cuts: dict[str, int] = {}  # client adapters whose client half ends after `cut_layer`
         self.server_adapters: list[str] = []
         self.client_adapters: list[str] = []
@@ -362,6 +365,17 @@ class SplitBackbone(nn.Module):
         head of task ``task_id`` owned by ``server_adapter`` scores it.
         """
         hidden = self.server_hidden(hidden, attention_mask, cut_layer)
+        return self.head_forward(hidden, attention_mask, labels, server_adapter, task_id)
+
+    def head_forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        server_adapter: str | None = None,
+        task_id: int = 0,
+    ) -> ServerOutput:
+        """Head and loss on the last hidden states: the server's in a two-part split, the client's in a U-shaped one."""
         if self.task == "classification":
             return self._classify(hidden, attention_mask, labels, server_adapter, task_id)
         return self._lm_loss(hidden, labels)

@@ -64,17 +64,19 @@ class ChannelStats:
     adapters_up: int = 0
     adapters_down: int = 0
     fingerprints_up: int = 0
+    head_activations_down: int = 0  # U-shaped split: last hidden states to the client's head
+    head_gradients_up: int = 0  # U-shaped split: their gradients back to the server
     messages: int = 0
     per_client_up: dict[int, int] = field(default_factory=dict)
     per_client_down: dict[int, int] = field(default_factory=dict)
 
     @property
     def bytes_up(self) -> int:
-        return self.activations_up + self.metadata_up + self.adapters_up + self.fingerprints_up
+        return self.activations_up + self.metadata_up + self.adapters_up + self.fingerprints_up + self.head_gradients_up
 
     @property
     def bytes_down(self) -> int:
-        return self.gradients_down + self.adapters_down
+        return self.gradients_down + self.adapters_down + self.head_activations_down
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -84,6 +86,8 @@ class ChannelStats:
             "adapters_up": self.adapters_up,
             "adapters_down": self.adapters_down,
             "fingerprints_up": self.fingerprints_up,
+            "head_activations_down": self.head_activations_down,
+            "head_gradients_up": self.head_gradients_up,
             "messages": self.messages,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -101,7 +105,7 @@ class ChannelStats:
         other.load_state_dict(state)
         out = ChannelStats()
         for key in ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down",
-                    "fingerprints_up", "messages"):  # fmt: skip
+                    "fingerprints_up", "head_activations_down", "head_gradients_up", "messages"):  # fmt: skip
             setattr(out, key, getattr(self, key) + getattr(other, key))
         for key in ("per_client_up", "per_client_down"):
             mine, theirs = getattr(self, key), getattr(other, key)
@@ -109,7 +113,8 @@ class ChannelStats:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        keys = ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down", "fingerprints_up")
+        keys = ("activations_up", "metadata_up", "gradients_down", "adapters_up", "adapters_down", "fingerprints_up",
+                "head_activations_down", "head_gradients_up")  # fmt: skip
         for key in (*keys, "messages"):
             setattr(self, key, int(state.get(key, 0)))
         self.per_client_up = {int(k): int(v) for k, v in state.get("per_client_up", {}).items()}
@@ -178,6 +183,20 @@ class Channel:
         nbytes = tensor_wire_bytes(grad, self.compression)
         self.stats.gradients_down += nbytes
         self._count(client_idx, down=nbytes)
+        return self._transfer(grad)
+
+    def send_head_activations(self, hidden: torch.Tensor, client_idx: int = 0) -> torch.Tensor:
+        """Server → client (U-shaped split): the last hidden states for the client's head; a leaf that requires grad."""
+        nbytes = tensor_wire_bytes(hidden, self.compression)
+        self.stats.head_activations_down += nbytes
+        self._count(client_idx, down=nbytes)
+        return self._transfer(hidden).requires_grad_(True)
+
+    def send_head_gradients(self, grad: torch.Tensor, client_idx: int = 0) -> torch.Tensor:
+        """Client → server (U-shaped split): ``∂L/∂`` of those hidden states."""
+        nbytes = tensor_wire_bytes(grad, self.compression)
+        self.stats.head_gradients_up += nbytes
+        self._count(client_idx, up=nbytes)
         return self._transfer(grad)
 
     def send_adapters(self, nbytes_up: int, nbytes_down: int, client_idx: int = 0) -> None:

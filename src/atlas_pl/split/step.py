@@ -33,6 +33,12 @@ def split_forward_backward(
        gradients and ``h_s.grad = ∂L/∂h``;
     4. ``channel.send_gradients(h_s.grad)`` → the client backpropagates it through its half.
 
+    With ``backbone.shape == "u_shaped"`` the client also keeps the head and the loss, so labels never leave it:
+    the server runs blocks ``[cut, L)`` on ``h_s`` and sends the last hidden states down
+    (``channel.send_head_activations``), the client computes head and loss and sends their gradient up
+    (``send_head_gradients``), the server backpropagates it to ``h_s.grad``, and step 4 follows. The gradients are
+    the same as the two-part split's (``tests/split/test_split_exactness.py``).
+
     Args:
         backbone: The shared split model.
         channel: The link that carries (and counts) activations and gradients.
@@ -44,12 +50,22 @@ def split_forward_backward(
         client_idx: Client index used by the channel's byte counters.
     """
     mask, labels = batch["attention_mask"], batch["labels"]
+    task_id = int(batch.get("task_id", 0))
     backbone.activate(client_adapter, server_adapter)
     cut = backbone.cut_of(client_adapter)
     hidden = backbone.client_forward(batch["input_ids"], mask, cut)
-    received = channel.send_activations(hidden, {"attention_mask": mask, "labels": labels}, client_idx)
-    out = backbone.server_forward(received, mask, labels, server_adapter, int(batch.get("task_id", 0)), cut)
-    (backward or _plain_backward)(out.loss)
+    if backbone.shape == "u_shaped":  # the labels never leave the client
+        received = channel.send_activations(hidden, {"attention_mask": mask}, client_idx)
+        top = backbone.server_hidden(received, mask, cut)
+        head_input = channel.send_head_activations(top, client_idx)
+        out = backbone.head_forward(head_input, mask, labels, server_adapter, task_id)
+        (backward or _plain_backward)(out.loss)  # client: head gradients and ∂L/∂top
+        assert head_input.grad is not None
+        torch.autograd.backward(top, channel.send_head_gradients(head_input.grad, client_idx))  # server's blocks
+    else:
+        received = channel.send_activations(hidden, {"attention_mask": mask, "labels": labels}, client_idx)
+        out = backbone.server_forward(received, mask, labels, server_adapter, task_id, cut)
+        (backward or _plain_backward)(out.loss)
     if received.grad is None:
         raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
     grad = channel.send_gradients(received.grad, client_idx)
