@@ -334,7 +334,10 @@ def execute(run: dict) -> dict:
         last.unlink(missing_ok=True)
         (folder / "results.json").unlink(missing_ok=True)
     steps = []
-    if not is_done(folder):
+    # a final run whose fit was kept (results.json, committed) but whose checkpoint was not (checkpoints are never
+    # committed): fit it again, deterministically, so that the test split can be scored from its checkpoint
+    lost = bool(run.get("test_cmd")) and not has_test(folder) and not last.exists()
+    if not is_done(folder) or lost:
         resume = ["--ckpt_path", "last"] if last.exists() else []  # a killed earlier attempt: go on from there
         steps.append(("fit", list(run["cmd"]) + resume, "a" if resume else "w"))
     if run.get("test_cmd") and (steps or not has_test(folder)):  # a new fit needs a new test
