@@ -39,8 +39,12 @@ def test_a_message_round_trips_tensors_of_every_dtype_and_its_fields_without_pic
 
 @pytest.mark.parametrize(
     ("data", "match"),
-    [(b"\x01\x02", "at least 8 bytes"), ((10**9).to_bytes(8, "little") + b"{}", "header size"),
-     (encode(Message("step"))[:-1], "header size"), (b"\x04" + bytes(7) + b"{no}", "malformed")],  # fmt: skip
+    [
+        (b"\x01\x02", "at least 8 bytes"),
+        ((10**9).to_bytes(8, "little") + b"{}", "header size"),
+        (encode(Message("step"))[:-1], "header size"),
+        (b"\x04" + bytes(7) + b"{no}", "malformed"),
+    ],  # fmt: skip
 )
 def test_malformed_bytes_are_a_wire_error(data: bytes, match: str) -> None:
     with pytest.raises(WireError, match=match):
@@ -144,7 +148,7 @@ trainer:
         method:
           class_path: atlas_pl.algorithms.Exact
 """
-ROUNDS = 3
+ROUNDS = 2
 
 
 def _args(tmp: Path, sub: str, out: str, *extra: str) -> list[str]:
