@@ -126,6 +126,7 @@ class LinkClient:
         if window < 1:
             raise ValueError(f"`window` must be >= 1, got {window!r}")
         self.target, self.timeout_s, self.connection = target, timeout_s, uuid.uuid4().hex
+        self.bytes_sent = self.bytes_received = 0  # encoded message bytes that crossed this link
         if tls_root_cert is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls_root_cert))
             self._channel = grpc.secure_channel(target, credentials, options=_OPTIONS)
@@ -162,7 +163,9 @@ class LinkClient:
         """Queue one request (blocks while ``window`` requests await their replies)."""
         if not self._slots.acquire(timeout=self.timeout_s):
             raise LinkError(f"{self.target}: no reply to the {self.timeout_s:.0f} s old requests in flight")
-        self._outbox.put(encode(message))
+        data = encode(message)
+        self.bytes_sent += len(data)
+        self._outbox.put(data)
 
     def receive(self) -> Message:
         """The reply to the oldest request in flight.
@@ -179,6 +182,7 @@ class LinkClient:
         if isinstance(item, BaseException):
             self._inbox.put(item)  # every later receive fails the same way
             raise item
+        self.bytes_received += len(item)
         try:
             reply = decode(item)
         except WireError as err:

@@ -235,11 +235,10 @@ class RemoteClients:
         self.bytes_up = self.bytes_down = 0
 
     def _exchange(self, message: Message) -> Message:
-        from atlas_pl.transport.wire import encode
-
-        self.bytes_up += len(encode(message))
+        sent, received = self.link.bytes_sent, self.link.bytes_received
         reply = self.link.request(message)
-        self.bytes_down += len(encode(reply))
+        self.bytes_up += self.link.bytes_sent - sent
+        self.bytes_down += self.link.bytes_received - received
         return reply
 
     def hello(self) -> int:
