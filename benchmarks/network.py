@@ -21,11 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,8 +35,10 @@ import torch
 from atlas_pl.cli import AtlasCLI, AtlasTrainer
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
-from atlas_pl.io import atomic_write_bytes
 from atlas_pl.transport import LinkClient, Message, RemoteClients
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outputs import machine_info, save_png, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_PHASES = "trainer:\n  callbacks: []\n"  # only split training is measured (phases 1-2 are not networked)
@@ -129,11 +127,7 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("one client's split steps: in-process vs loopback gRPC")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -174,18 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "settings": {"config": args.config, "steps": args.steps, "warmup": args.warmup, "threads": 1,
                      "batch_size": dm.batch_size, "max_length": dm.max_length},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "summary": summary,
         "steps": rows,
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "network.json", json.dumps(report, indent=1).encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(summary[0]))
-    writer.writeheader()
-    writer.writerows(summary)
-    atomic_write_bytes(args.out / "network.csv", buf.getvalue().encode())
+    write_report(args.out, "network", report, summary)
     plot(summary, args.out / "network.png")
     for s in summary:
         print(s)

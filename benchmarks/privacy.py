@@ -21,11 +21,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,13 @@ import torch
 
 from atlas_pl.attacks import invert_activations, token_scores
 from atlas_pl.data.tokenizers import load_tokenizer
-from atlas_pl.io import atomic_write_bytes
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import ActivationNoise
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outputs import machine_info, save_png, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -89,11 +89,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(model)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -132,17 +128,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "settings": {"examples": args.examples, "max_length": args.max_length, "seed": args.seed,
                      "attack_settings": SETTINGS, "labels_disclosed_two_part_split": 1.0},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "rows": rows,
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "privacy.json", json.dumps(report, indent=1).encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(args.out / "privacy.csv", buf.getvalue().encode())
+    write_report(args.out, "privacy", report, rows)
     plot(rows, args.out / "privacy.png")
     return report
 

@@ -25,11 +25,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +37,8 @@ from typing import Any
 
 import torch
 
-from atlas_pl.io import atomic_write_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outputs import machine_info, save_png, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARES = {"none": 1, "server": 3}  # share -> default number of seeds
@@ -139,11 +137,7 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.legend()
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("configs/demo.yaml sharded over P processes (client_parallel)")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -171,18 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "settings": {"config": "configs/demo.yaml", "strategy": "client_parallel", "rounds": args.rounds,
                      "accelerator": args.accelerator, "threads_per_process": 1},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "state"} for r in rows],
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "sharding.json", json.dumps(report, indent=1).encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(summary[0]))
-    writer.writeheader()
-    writer.writerows(summary)
-    atomic_write_bytes(args.out / "sharding.csv", buf.getvalue().encode())
+    write_report(args.out, "sharding", report, summary)
     plot(summary, args.out / "sharding.png")
     for s in summary:
         print(s)
