@@ -224,8 +224,11 @@ def task_groups(base: dict) -> dict[str, str]:
 
 
 def portable(text: str) -> str:
-    """``text`` without this machine's paths: the checkout becomes ``.``, the environment ``<env>``, home ``~``."""
-    for path, name in ((sys.prefix, "<env>"), (sys.base_prefix, "<python>"), (str(ROOT), "."), (str(Path.home()), "~")):
+    """``text`` without this machine's paths: the checkout becomes ``.``, the environment ``<env>``, home ``~``, the
+    folders of ``$PYTHONPATH`` ``<pythonpath>``."""
+    extra = [(p, "<pythonpath>") for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p.startswith(os.sep)]
+    for path, name in ((sys.prefix, "<env>"), (sys.base_prefix, "<python>"), (str(ROOT), "."), *extra,
+                       (str(Path.home()), "~")):  # fmt: skip
         text = text.replace(path + os.sep, name + "/").replace(path, name)
     return text
 
@@ -248,8 +251,9 @@ def is_done(folder: Path, test: bool = False) -> bool:
 
 
 def has_test(folder: Path) -> bool:
-    results, tested = folder / "results.json", folder / "test_results.json"
-    return tested.exists() and results.exists() and tested.stat().st_mtime >= results.stat().st_mtime
+    """The fit is tested: a new fit deletes the old ``test_results.json`` first (``execute``), so no file times are
+    compared (a copy or a git checkout does not keep them)."""
+    return (folder / "test_results.json").exists() and (folder / "results.json").exists()
 
 
 def machine_info() -> dict:
@@ -333,6 +337,7 @@ def execute(run: dict) -> dict:
     if run.get("force"):
         last.unlink(missing_ok=True)
         (folder / "results.json").unlink(missing_ok=True)
+        (folder / "test_results.json").unlink(missing_ok=True)
     steps = []
     # a final run whose fit was kept (results.json, committed) but whose checkpoint was not (checkpoints are never
     # committed): fit it again, deterministically, so that the test split can be scored from its checkpoint
@@ -340,6 +345,7 @@ def execute(run: dict) -> dict:
     if not is_done(folder) or lost:
         resume = ["--ckpt_path", "last"] if last.exists() else []  # a killed earlier attempt: go on from there
         steps.append(("fit", list(run["cmd"]) + resume, "a" if resume else "w"))
+        (folder / "test_results.json").unlink(missing_ok=True)  # it scored the fit this one replaces
     if run.get("test_cmd") and (steps or not has_test(folder)):  # a new fit needs a new test
         steps.append(("test", list(run["test_cmd"]), "a"))
     for name, cmd, mode in steps:

@@ -201,7 +201,7 @@ def test_auto_pooling_of_a_run_is_resolved_by_the_package_rule() -> None:
     assert compare.run_pooling(tiny) == "mean"  # a fresh pooler (zero bias)
 
 
-def test_a_run_is_done_until_a_newer_checkpoint_shows_a_killed_re_run_and_tested_after_its_fit(tmp_path) -> None:
+def test_a_run_is_done_until_a_newer_checkpoint_shows_a_killed_re_run(tmp_path) -> None:
     results = tmp_path / "results.json"
     results.write_text("{}")
     assert compare.is_done(tmp_path) and not compare.is_done(tmp_path, test=True)
@@ -213,11 +213,24 @@ def test_a_run_is_done_until_a_newer_checkpoint_shows_a_killed_re_run_and_tested
     tested = tmp_path / "test_results.json"
     tested.write_text("{}")
     assert compare.is_done(tmp_path, test=True)
-    os.utime(tested, (results.stat().st_mtime - 5,) * 2)  # a test of an earlier fit
-    assert not compare.is_done(tmp_path, test=True)
+    os.utime(tested, (results.stat().st_mtime - 5,) * 2)  # file times do not count: a copy or checkout resets them
+    assert compare.is_done(tmp_path, test=True)
     os.utime(last, (results.stat().st_mtime + 10,) * 2)  # a later attempt got further than the old results
     assert not compare.is_done(tmp_path)
     assert not compare.is_done(tmp_path / "missing")
+
+
+def test_a_new_fit_deletes_the_test_of_the_fit_it_replaces(tmp_path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "test_results.json").write_text('{"old": true}')  # a test of an earlier fit, results.json gone
+    fit = [sys.executable, "-c", f"open({str(folder / 'results.json')!r}, 'w').write('{{}}')"]
+    test = [sys.executable, "-c", f"import os, sys; p = {str(folder / 'test_results.json')!r}; "
+            "sys.exit('old test kept') if os.path.exists(p) else open(p, 'w').write('{}')"]  # fmt: skip
+    out = compare.execute({"folder": folder, "overlay": {}, "cmd": fit, "test_cmd": test})
+    assert out["status"] == "ok", (folder / "log.txt").read_text()
+    assert json.loads((folder / "test_results.json").read_text()) == {}
+    assert compare.is_done(folder, test=True)
 
 
 @pytest.mark.slow
