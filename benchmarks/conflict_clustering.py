@@ -57,7 +57,8 @@ RUN_BARS = ("chance", 0.25)  # min_silhouette of the clusterings scored
 BARS = ("chance", "uniform", 0.25, 0.2, 0.15)  # min_silhouette values re-read from the stored silhouettes
 # workload -> (workload of benchmarks/compare.py, overrides of its data section)
 WORKLOADS = {"minilm_conflict": ("minilm_conflict", {}), "minilm": ("minilm", {}),
-             "minilm_scarce": ("minilm_scarce", {}), "minilm_one_task": ("minilm", {"tasks": ["sst2"]})}  # fmt: skip
+             "minilm_scarce": ("minilm_scarce", {}), "minilm_one_task": ("minilm", {"tasks": ["sst2"]}),
+             "smollm2_conflict": ("smollm2_conflict", {})}  # fmt: skip
 NUM_BATCHES = 8
 
 
@@ -85,9 +86,9 @@ def build(seed: int, workload: str = "minilm_conflict") -> tuple[Any, Any, list[
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fed = Federation(model=model["model"], task_format="classification", num_clients=dm.num_clients,
+        fed = Federation(model=model["model"], task_format=dm.task_format, num_clients=dm.num_clients,
                          cut_layer=model["cut_layer"], lora=LoraSpec(**model["lora"]), learning_rate=2e-3,
-                         share="server", pooling=model["pooling"])  # fmt: skip
+                         share="server", pooling=model.get("pooling", "auto"))  # fmt: skip
     fed.num_examples = dm.num_examples
     fed.client_task_ids = dm.client_task_ids
     fed._configure_tasks(dm)
