@@ -44,7 +44,7 @@ from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
 from atlas_pl.rng import rng_state, set_rng_state
 from atlas_pl.roster import ClientRoster, Share
 from atlas_pl.split.backbone import SHAPES, SplitBackbone, SplitShape
-from atlas_pl.split.channel import ActivationNoise, ChannelStats, Compression, InProcessChannel
+from atlas_pl.split.channel import ActivationNoise, ChannelStats, Compression, GradientSparsity, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.signal import SignalKind, task_signal
 from atlas_pl.strategies import ClientParallelStrategy
@@ -90,6 +90,9 @@ class Federation(L.LightningModule):
         split_shape: ``two_part`` (the server runs the rest of the model, the head and the loss: it sees the labels)
             or ``u_shaped`` (the client keeps the head and the loss: only intermediate activations go up and their
             gradients come down, labels never leave the client; two more transfers per step, same gradients).
+        gradient_sparsity: A privacy defence of the U-shaped split: the fraction of each returned gradient vector's
+            entries the client sends (``{keep: 0.1}``: the 10 % largest in magnitude, the rest zero; see
+            ``atlas_pl.split.channel.GradientSparsity``). Default: all (no defence).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class Federation(L.LightningModule):
         faults: FaultSpec | None = None,
         activation_noise: ActivationNoise | None = None,
         split_shape: SplitShape = "two_part",
+        gradient_sparsity: GradientSparsity | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -119,9 +123,17 @@ class Federation(L.LightningModule):
         fault_spec = FaultSpec(**faults) if isinstance(faults, dict) else faults or FaultSpec()
         noise = ActivationNoise(**activation_noise) if isinstance(activation_noise, dict) else activation_noise
         noise = noise or ActivationNoise()
-        self.save_hyperparameters(ignore=["lora", "evaluation", "faults", "activation_noise"])
+        sparse = GradientSparsity(**gradient_sparsity) if isinstance(gradient_sparsity, dict) else gradient_sparsity
+        sparse = sparse or GradientSparsity()
+        if sparse.keep < 1 and split_shape != "u_shaped":
+            raise ValueError(
+                f"`gradient_sparsity` (keep {sparse.keep}) sparsifies the gradients a U-shaped client returns; with "
+                f"split_shape {split_shape!r} the server computes the loss and holds the labels, so there is nothing "
+                "for it to hide. Fix: set `model.split_shape: u_shaped`, or drop `model.gradient_sparsity`."
+            )
+        self.save_hyperparameters(ignore=["lora", "evaluation", "faults", "activation_noise", "gradient_sparsity"])
         self.hparams.update(lora=asdict(lora), evaluation=asdict(ev), faults=asdict(fault_spec),
-                            activation_noise=asdict(noise))  # plain values  # fmt: skip
+                            activation_noise=asdict(noise), gradient_sparsity=asdict(sparse))  # fmt: skip
         self.evaluation = ev
         self.faults = fault_spec
         self.fault_log: list[dict[str, Any]] = []  # every fault: round, client, cluster, reason
@@ -136,7 +148,7 @@ class Federation(L.LightningModule):
             raise ValueError(f"`split_shape` must be one of {SHAPES}, got {split_shape!r}")
         self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
         self.backbone.shape = split_shape
-        self.channel = InProcessChannel(compression, noise)
+        self.channel = InProcessChannel(compression, noise, sparse)
         self.num_clients = num_clients
         self.roster = ClientRoster(self.backbone, num_clients, share)
         self.num_examples: list[int] = [1] * num_clients

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from atlas_pl.attacks import label_leakage
+from atlas_pl.federation import Federation
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.models import load_model
 from atlas_pl.split.backbone import SplitBackbone
-from atlas_pl.split.channel import InProcessChannel
+from atlas_pl.split.channel import GradientSparsity, InProcessChannel
 from atlas_pl.split.step import split_forward_backward
 
 
@@ -43,3 +44,57 @@ def test_the_gradients_a_u_shaped_client_returns_disclose_its_binary_labels() ->
 def test_label_leakage_needs_binary_labels_with_both_classes() -> None:
     with pytest.raises(ValueError, match="binary labels with both classes"):
         label_leakage(torch.randn(4, 3), torch.tensor([1, 1, 1, 1]))
+
+
+class _Received(InProcessChannel):
+    """Keeps what the server receives from the client's head, after the client's defence."""
+
+    def send_head_gradients(self, grad, client_idx=0):  # type: ignore[no-untyped-def]
+        self.received = super().send_head_gradients(grad, client_idx)
+        return self.received
+
+
+def test_sparsity_keeps_the_largest_entries_of_each_vector_and_counts_them_sparse() -> None:
+    grad = torch.randn(4, 8, 100, generator=torch.Generator().manual_seed(0))
+    sparse = GradientSparsity(keep=0.1)
+    out = sparse.apply(grad)
+    assert out.shape == grad.shape and torch.equal((out != 0).sum(-1), torch.full((4, 8), 10))
+    top = grad.abs().topk(10, dim=-1).values
+    assert torch.equal(out.abs().topk(10, dim=-1).values, top)  # the kept entries are the 10 largest, unchanged
+    assert GradientSparsity().apply(grad) is grad  # keep 1: nothing to do
+    assert sparse.wire_bytes(grad) == 4 * 8 * 10 * (4 + 4) < grad.numel() * 4  # values + int32 indices
+    assert GradientSparsity(keep=0.9).wire_bytes(grad) == grad.numel() * 4  # sparse would be larger: sent dense
+    assert GradientSparsity(keep=1e-9).kept(100) == 1
+
+
+@pytest.mark.parametrize("keep", [0, 1.5, -0.1, True])
+def test_bad_sparsity_names_the_field(keep: float) -> None:
+    with pytest.raises(ValueError, match=r"gradient_sparsity.keep must be in \(0, 1\]"):
+        GradientSparsity(keep=keep)
+
+
+def test_a_sparsifying_u_shaped_client_sends_only_the_kept_entries() -> None:
+    torch.manual_seed(0)
+    tiny = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 1000}
+    base = load_model("bert-tiny", "classification", 2, tiny).eval()
+    split = SplitBackbone(base, 1, LoraSpec(rank=4), pooling="cls")
+    split.shape = "u_shaped"
+    split.add_client_adapter("c")
+    split.add_server_adapter("s")
+    labels = torch.tensor([0, 1] * 8)
+    ids = torch.randint(5, 1000, (16, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    channel = _Received(sparsity=GradientSparsity(keep=0.125))
+    split_forward_backward(split, channel, batch, "c", "s")
+    assert int((channel.received != 0).sum(-1).max()) <= 4  # 12.5 % of 32 entries per position
+    assert channel.stats.head_gradients_up == channel.received.shape[0] * channel.received.shape[1] * 4 * 8
+
+
+def test_the_federation_option_needs_the_u_shaped_split() -> None:
+    tiny = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 1000}
+    with pytest.raises(ValueError, match="split_shape: u_shaped"):
+        Federation(model="bert-tiny", task_format="classification", model_overrides=tiny, num_clients=2,
+                   gradient_sparsity={"keep": 0.1})  # fmt: skip
+    fed = Federation(model="bert-tiny", task_format="classification", model_overrides=tiny, num_clients=2,
+                     split_shape="u_shaped", gradient_sparsity={"keep": 0.1})  # fmt: skip
+    assert fed.hparams["gradient_sparsity"] == {"keep": 0.1} and fed.channel.sparsity.keep == 0.1

@@ -7,6 +7,7 @@ live in one process and the "transfer" is a detach plus an optional round trip t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +53,51 @@ class ActivationNoise:
             else:
                 noise = torch.distributions.Laplace(0.0, float(scale) / 2**0.5).sample(hidden.shape).to(hidden.device)
         return hidden + noise.to(hidden.dtype)
+
+
+@dataclass(frozen=True)
+class GradientSparsity:
+    """A defence of the gradients a U-shaped client returns (``model.gradient_sparsity``): only the largest entries go.
+
+    Before ``∂L/∂`` of the last hidden states leaves the client, every position's vector keeps its ``ceil(keep·d)``
+    entries of largest magnitude and the rest become 0; the server backpropagates that sparse gradient. On the wire a
+    sparse vector is its kept values plus one int32 index each, counted when that is smaller than the dense vector.
+    ``keep`` 1 turns it off. The label-inference scores of ``atlas_pl.attacks.label_leakage`` measure what it hides.
+
+    Args:
+        keep: Fraction of each gradient vector's entries kept, in ``(0, 1]``.
+    """
+
+    keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"gradient_sparsity.keep must be in (0, 1] (fraction of entries kept), got {self.keep!r}")
+
+    def kept(self, width: int) -> int:
+        """Entries kept of a vector of ``width`` entries (at least one)."""
+        return max(1, min(width, math.ceil(self.keep * width)))
+
+    def apply(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` with all but the ``kept`` largest-magnitude entries of each last-dimension vector set to 0."""
+        width = grad.shape[-1]
+        k = self.kept(width)
+        if k == width:
+            return grad
+        with torch.no_grad():
+            index = grad.abs().topk(k, dim=-1).indices
+            return torch.zeros_like(grad).scatter_(-1, index, grad.gather(-1, index))
+
+    def wire_bytes(self, grad: torch.Tensor, compression: Compression = "none") -> int:
+        """Bytes of ``grad`` on the wire: dense, or kept values + int32 indices when that is smaller."""
+        dense = tensor_wire_bytes(grad, compression)
+        width = grad.shape[-1] if grad.dim() else 1
+        k = self.kept(width)
+        if k == width:
+            return dense
+        rows = grad.numel() // width
+        value = _WIRE_BYTES[compression] or grad.element_size()
+        return min(dense, rows * k * (value + 4) + (4 if compression == "int8" else 0))
 
 
 @dataclass
@@ -147,13 +193,21 @@ class Channel:
         compression: Wire format of activations and gradients: ``"none"`` (their dtype), ``"fp16"``, ``"bf16"`` or
             ``"int8"`` (per-tensor absmax quantization).
         noise: Noise the client adds to the activations before they leave (:class:`ActivationNoise`; default none).
+        sparsity: Sparsification of the gradients a U-shaped client returns (:class:`GradientSparsity`; default
+            none).
     """
 
-    def __init__(self, compression: Compression = "none", noise: ActivationNoise | None = None) -> None:
+    def __init__(
+        self,
+        compression: Compression = "none",
+        noise: ActivationNoise | None = None,
+        sparsity: GradientSparsity | None = None,
+    ) -> None:
         if compression not in _WIRE_BYTES:
             raise ValueError(f"`compression` must be one of {sorted(_WIRE_BYTES)}, got {compression!r}")
         self.compression: Compression = compression
         self.noise = noise or ActivationNoise()
+        self.sparsity = sparsity or GradientSparsity()
         self.stats = ChannelStats()
 
     def _count(self, client_idx: int, up: int = 0, down: int = 0) -> None:
@@ -193,11 +247,11 @@ class Channel:
         return self._transfer(hidden).requires_grad_(True)
 
     def send_head_gradients(self, grad: torch.Tensor, client_idx: int = 0) -> torch.Tensor:
-        """Client → server (U-shaped split): ``∂L/∂`` of those hidden states."""
-        nbytes = tensor_wire_bytes(grad, self.compression)
+        """Client → server (U-shaped split): ``∂L/∂`` of those hidden states, sparsified first if asked."""
+        nbytes = self.sparsity.wire_bytes(grad, self.compression)
         self.stats.head_gradients_up += nbytes
         self._count(client_idx, up=nbytes)
-        return self._transfer(grad)
+        return self._transfer(self.sparsity.apply(grad.detach()))
 
     def send_adapters(self, nbytes_up: int, nbytes_down: int, client_idx: int = 0) -> None:
         """Count adapter traffic at round end (client adapter up for aggregation, merged adapter down)."""
