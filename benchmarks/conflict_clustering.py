@@ -18,11 +18,11 @@ ATLAS must avoid) and ``split`` (one group in two clusters: less sharing).
 Outputs (atomic): ``<out>/conflict_clustering.json`` (settings, machine, rows, per-setting summary),
 ``conflict_clustering.csv`` and ``conflict_clustering_fingerprints.npz`` (``<signal>_seed<S>``: clients × 64, and
 ``groups_seed<S>``); ``--workload minilm`` (6 tasks in 4 groups, per-task heads, no conflict) writes
-``minilm_clustering.{json,csv}``, ``--workload minilm_scarce`` (36 clients of 50 examples) ``minilm_scarce_clustering``
+``minilm_clustering.{json,csv}``, ``--workload minilm_scarce`` (36 clients of 50 examples) ``minilm_scarce_clustering``,
 ``--workload minilm_one_task`` (the minilm workload with every client on sst2: nothing to find, the null check of
 the "no structure" rule) ``minilm_one_task_clustering`` and ``--workload smollm2_conflict`` (the same conflict for the
-causal LM SmolLM2-135M: label words shared by all tasks) ``smollm2_conflict_clustering``. Besides the bar each run used, ``K_at_min_silhouette``
-re-reads K per seed had the bar been each of ``BARS``; ``"chance"`` is the bar of
+causal LM SmolLM2-135M: label words shared by all tasks) ``smollm2_conflict_clustering``. Besides the bar each run
+used, ``K_at_min_silhouette`` re-reads K per seed had the bar been each of ``BARS``; ``"chance"`` is the bar of
 :func:`atlas_pl.algorithms.clustering.chance_silhouette` for the workload's client count.
 
 Usage::
