@@ -13,28 +13,36 @@ from atlas_pl.split.backbone import SplitBackbone
 from atlas_pl.split.channel import GradientSparsity, InProcessChannel
 from atlas_pl.split.step import split_forward_backward
 
+TINY = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 1000}
+
 
 class _Tap(InProcessChannel):
-    """Keeps what the server receives from the client's head in a U-shaped step."""
+    """Keeps the gradient a U-shaped client's head returns (``seen``) and what the server receives (``received``)."""
 
     def send_head_gradients(self, grad, client_idx=0):  # type: ignore[no-untyped-def]
         self.seen = grad.detach().clone()
-        return super().send_head_gradients(grad, client_idx)
+        self.received = super().send_head_gradients(grad, client_idx)
+        return self.received
 
 
-def test_the_gradients_a_u_shaped_client_returns_disclose_its_binary_labels() -> None:
+def _u_shaped_step(channel: _Tap) -> torch.Tensor:
+    """One U-shaped step of a tiny BERT classifier on 16 random sequences through ``channel``; the labels."""
     torch.manual_seed(0)
-    tiny = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 1000}
-    base = load_model("bert-tiny", "classification", 2, tiny).eval()
+    base = load_model("bert-tiny", "classification", 2, TINY).eval()
     split = SplitBackbone(base, 1, LoraSpec(rank=4), pooling="cls")
     split.shape = "u_shaped"
     split.add_client_adapter("c")
     split.add_server_adapter("s")
     labels = torch.tensor([0, 1] * 8)
     ids = torch.randint(5, 1000, (16, 12), generator=torch.Generator().manual_seed(1))
+    split_forward_backward(split, channel, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                            "labels": labels}, "c", "s")  # fmt: skip
+    return labels
+
+
+def test_the_gradients_a_u_shaped_client_returns_disclose_its_binary_labels() -> None:
     tap = _Tap()
-    split_forward_backward(split, tap, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
-                           "c", "s")  # fmt: skip
+    labels = _u_shaped_step(tap)
     scores = label_leakage(tap.seen, labels)
     assert scores["direction_auc"] >= 0.95, scores  # softmax(z) - onehot(y): the two classes point apart
     shuffled = label_leakage(tap.seen, labels[torch.randperm(16, generator=torch.Generator().manual_seed(2))])
@@ -44,14 +52,6 @@ def test_the_gradients_a_u_shaped_client_returns_disclose_its_binary_labels() ->
 def test_label_leakage_needs_binary_labels_with_both_classes() -> None:
     with pytest.raises(ValueError, match="binary labels with both classes"):
         label_leakage(torch.randn(4, 3), torch.tensor([1, 1, 1, 1]))
-
-
-class _Received(InProcessChannel):
-    """Keeps what the server receives from the client's head, after the client's defence."""
-
-    def send_head_gradients(self, grad, client_idx=0):  # type: ignore[no-untyped-def]
-        self.received = super().send_head_gradients(grad, client_idx)
-        return self.received
 
 
 def test_sparsity_keeps_the_largest_entries_of_each_vector_and_counts_them_sparse() -> None:
@@ -74,27 +74,17 @@ def test_bad_sparsity_names_the_field(keep: float) -> None:
 
 
 def test_a_sparsifying_u_shaped_client_sends_only_the_kept_entries() -> None:
-    torch.manual_seed(0)
-    tiny = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 1000}
-    base = load_model("bert-tiny", "classification", 2, tiny).eval()
-    split = SplitBackbone(base, 1, LoraSpec(rank=4), pooling="cls")
-    split.shape = "u_shaped"
-    split.add_client_adapter("c")
-    split.add_server_adapter("s")
-    labels = torch.tensor([0, 1] * 8)
-    ids = torch.randint(5, 1000, (16, 12), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    channel = _Received(sparsity=GradientSparsity(keep=0.125))
-    split_forward_backward(split, channel, batch, "c", "s")
+    channel = _Tap(sparsity=GradientSparsity(keep=0.125))
+    _u_shaped_step(channel)
     assert int((channel.received != 0).sum(-1).max()) <= 4  # 12.5 % of 32 entries per position
     assert channel.stats.head_gradients_up == channel.received.shape[0] * channel.received.shape[1] * 4 * 8
 
 
 def test_the_federation_option_needs_the_u_shaped_split() -> None:
-    tiny = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 1000}
+
     with pytest.raises(ValueError, match="split_shape: u_shaped"):
-        Federation(model="bert-tiny", task_format="classification", model_overrides=tiny, num_clients=2,
+        Federation(model="bert-tiny", task_format="classification", model_overrides=TINY, num_clients=2,
                    gradient_sparsity={"keep": 0.1})  # fmt: skip
-    fed = Federation(model="bert-tiny", task_format="classification", model_overrides=tiny, num_clients=2,
+    fed = Federation(model="bert-tiny", task_format="classification", model_overrides=TINY, num_clients=2,
                      split_shape="u_shaped", gradient_sparsity={"keep": 0.1})  # fmt: skip
     assert fed.hparams["gradient_sparsity"] == {"keep": 0.1} and fed.channel.sparsity.keep == 0.1
