@@ -81,7 +81,6 @@ def test_a_sparsifying_u_shaped_client_sends_only_the_kept_entries() -> None:
 
 
 def test_the_federation_option_needs_the_u_shaped_split() -> None:
-
     with pytest.raises(ValueError, match="split_shape: u_shaped"):
         Federation(model="bert-tiny", task_format="classification", model_overrides=TINY, num_clients=2,
                    gradient_sparsity={"keep": 0.1})  # fmt: skip
