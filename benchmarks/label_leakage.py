@@ -14,7 +14,8 @@ Outputs (atomic): ``<out>/label_leakage.{json,csv,png}``.
 
 Usage::
 
-    python benchmarks/label_leakage.py                       # MiniLM, sst2 and mr, cuts 1 and 3, 6 keep levels
+    python benchmarks/label_leakage.py                       # MiniLM, sst2 and mr, cut 1, 6 keep levels
+    python benchmarks/label_leakage.py --cuts 1 3            # the committed table (cuts 1 and 3 give the same)
     python benchmarks/label_leakage.py --keep 1 0.1 0.01 --batches 8
 """
 
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(TASK_FORMAT), choices=list(TASK_FORMAT))
     p.add_argument("--tasks", nargs="+", default=["sst2", "mr"])
-    p.add_argument("--cuts", nargs="+", type=int, default=[1, 3])
+    # with fresh adapters the returned gradient does not depend on the cut (measured: cuts 1 and 3 equal), so one
+    p.add_argument("--cuts", nargs="+", type=int, default=[1])
     p.add_argument("--keep", nargs="+", type=float, default=[1.0, 0.5, 0.1, 0.03, 0.01, 0.003])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--batches", type=int, default=4)
