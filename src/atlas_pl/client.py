@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from atlas_pl.algorithms.privacy import DPSGD
 from atlas_pl.split.backbone import ServerOutput, SplitBackbone
 from atlas_pl.split.channel import Channel, InProcessChannel
 from atlas_pl.split.step import Backward, split_forward_backward
@@ -32,6 +33,8 @@ class SplitClient(L.LightningModule):
         client_idx: Index used in logs and byte counters.
         owns_backbone: Register ``backbone`` as a submodule (standalone use). A federation passes ``False`` so one
             backbone is not registered (and checkpointed) once per client.
+        dp_sgd: Train the client adapter with DP-SGD (per-example clipping and Gaussian noise,
+            :class:`atlas_pl.algorithms.DPSGD`); ``dp_steps`` counts its private steps for the accountant.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class SplitClient(L.LightningModule):
         channel: Channel | None = None,
         client_idx: int = 0,
         owns_backbone: bool = True,
+        dp_sgd: DPSGD | None = None,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -63,6 +67,10 @@ class SplitClient(L.LightningModule):
         self.weight_decay = weight_decay
         self.channel = channel or InProcessChannel()
         self.client_idx = client_idx
+        self.dp_sgd = dp_sgd
+        self.dp_steps = 0  # private steps taken (the accountant's T)
+        self.dp_batch_size = 0  # examples per step (the accountant's sampling rate is this / client examples)
+        self.dp_clipped = 0.0  # share of the last step's examples whose gradient was clipped
 
     @property
     def split(self) -> SplitBackbone:
@@ -110,6 +118,7 @@ class SplitClient(L.LightningModule):
             self.server_adapter,
             backward=backward,
             client_idx=self.client_idx,
+            client_backward=self._private_backward if self.dp_sgd is not None else None,
         )
         if check is not None:
             try:
@@ -121,6 +130,13 @@ class SplitClient(L.LightningModule):
         server_opt.step()
         client_opt.step()
         return out
+
+    def _private_backward(self, hidden: torch.Tensor, grad: torch.Tensor) -> None:
+        assert self.dp_sgd is not None
+        norms = self.dp_sgd.backward(hidden, grad, self.split.bank.parameters(self.client_adapter))
+        self.dp_steps += 1
+        self.dp_batch_size = max(self.dp_batch_size, int(hidden.shape[0]))
+        self.dp_clipped = float((norms > self.dp_sgd.clip_norm).double().mean())
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> ServerOutput:

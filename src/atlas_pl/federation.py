@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from typing_extensions import override
 
+from atlas_pl.algorithms.privacy import DPSGD
 from atlas_pl.client import SplitClient
 from atlas_pl.data.client_data import sample_client_batches
 from atlas_pl.distributed import all_reduce_sum, gather_objects, owner_of
@@ -93,6 +94,11 @@ class Federation(L.LightningModule):
         gradient_sparsity: A privacy defence of the U-shaped split: the fraction of each returned gradient vector's
             entries the client sends (``{keep: 0.1}``: the 10 % largest in magnitude, the rest zero; see
             ``atlas_pl.split.channel.GradientSparsity``). Default: all (no defence).
+        dp_sgd: A privacy defence of what the client adapters carry: DP-SGD on every client's client-half adapter
+            (``{noise_multiplier: 1.0, clip_norm: 1.0, delta: 1e-5}``: per-example clipping and Gaussian noise, see
+            ``atlas_pl.algorithms.DPSGD``); each round logs ``privacy/dp_epsilon`` (the largest client ``ε`` so far,
+            from ``dp_accounting``). It does not protect the cut activations (``activation_noise`` does). Default:
+            none.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class Federation(L.LightningModule):
         activation_noise: ActivationNoise | None = None,
         split_shape: SplitShape = "two_part",
         gradient_sparsity: GradientSparsity | None = None,
+        dp_sgd: DPSGD | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -125,15 +132,19 @@ class Federation(L.LightningModule):
         noise = noise or ActivationNoise()
         sparse = GradientSparsity(**gradient_sparsity) if isinstance(gradient_sparsity, dict) else gradient_sparsity
         sparse = sparse or GradientSparsity()
+        dp = DPSGD(**dp_sgd) if isinstance(dp_sgd, dict) else dp_sgd
         if sparse.keep < 1 and split_shape != "u_shaped":
             raise ValueError(
                 f"`gradient_sparsity` (keep {sparse.keep}) sparsifies the gradients a U-shaped client returns; with "
                 f"split_shape {split_shape!r} the server computes the loss and holds the labels, so there is nothing "
                 "for it to hide. Fix: set `model.split_shape: u_shaped`, or drop `model.gradient_sparsity`."
             )
-        self.save_hyperparameters(ignore=["lora", "evaluation", "faults", "activation_noise", "gradient_sparsity"])
+        self.save_hyperparameters(ignore=["lora", "evaluation", "faults", "activation_noise", "gradient_sparsity",
+                                          "dp_sgd"])  # fmt: skip
         self.hparams.update(lora=asdict(lora), evaluation=asdict(ev), faults=asdict(fault_spec),
-                            activation_noise=asdict(noise), gradient_sparsity=asdict(sparse))  # fmt: skip
+                            activation_noise=asdict(noise), gradient_sparsity=asdict(sparse),
+                            dp_sgd=asdict(dp) if dp is not None else None)  # fmt: skip
+        self.dp_sgd = dp
         self.evaluation = ev
         self.faults = fault_spec
         self.fault_log: list[dict[str, Any]] = []  # every fault: round, client, cluster, reason
@@ -157,6 +168,7 @@ class Federation(L.LightningModule):
         self.train_loss = PerClientMean(num_clients)
         self.evaluator = FederatedEvaluator(num_clients, None, ev.scoring, ev.score_norm, ev.max_new_tokens)
         self.history: list[dict[str, Any]] = []
+        self._round_privacy: dict[str, float] = {}  # the last round's ``privacy/*`` metrics, kept in ``history``
         self._participants: set[int] = set()
         self._round_start_bytes = (0, 0)
         self._round_start_time = 0.0
@@ -178,6 +190,7 @@ class Federation(L.LightningModule):
             channel=self.channel,
             client_idx=idx,
             owns_backbone=False,
+            dp_sgd=self.dp_sgd,
         )
 
     # ------------------------------------------------------------------------------ the federation protocol
@@ -461,6 +474,8 @@ class Federation(L.LightningModule):
             "round/faults": float(sum(p[1] for p in parts)),
             "round/seconds": time.perf_counter() - self._round_start_time,
         }
+        self._round_privacy = self.privacy_metrics()
+        metrics.update(self._round_privacy)
         with synced(self.train_loss):
             losses = self.train_loss.per_client()
             for i in participants:
@@ -471,6 +486,36 @@ class Federation(L.LightningModule):
                 metrics[f"train_loss/{scope}"] = v
             metrics["train_loss/round"] = self.train_loss.overall()
         self.log_round(metrics)
+
+    def dp_state(self) -> dict[int, tuple[int, int]]:
+        """Per client with private steps: ``(steps, batch size)``, summed over the processes of a sharded run."""
+        mine = {i: (self.clients[i].dp_steps, self.clients[i].dp_batch_size) for i in self.local_clients()
+                if self.clients[i].dp_steps}  # fmt: skip
+        merged: dict[int, tuple[int, int]] = {}
+        for part in gather_objects(mine):
+            for i, (steps, batch) in part.items():
+                old = merged.get(i, (0, 0))
+                merged[i] = (old[0] + steps, max(old[1], batch))
+        return merged
+
+    def privacy_metrics(self) -> dict[str, float]:
+        """With ``dp_sgd``: the largest and the median client ``ε`` so far and the share of clipped examples."""
+        if self.dp_sgd is None:
+            return {}
+        state = self.dp_state()
+        for i, (steps, batch) in state.items():  # every process holds the totals (they are checkpointed)
+            if owner_of(i, self.num_shards) != self.shard_rank:
+                self.clients[i].dp_steps, self.clients[i].dp_batch_size = steps, batch
+        eps = sorted(self.dp_sgd.epsilon(steps, batch / max(1, self.num_examples[i]))
+                     for i, (steps, batch) in state.items())  # fmt: skip
+        if not eps:
+            return {}
+        clipped = [c.dp_clipped for i, c in enumerate(self.clients) if i in self._participants]
+        return {
+            "privacy/dp_epsilon": eps[-1],
+            "privacy/dp_epsilon_median": eps[len(eps) // 2],
+            "privacy/dp_clipped": sum(clipped) / len(clipped) if clipped else float("nan"),
+        }
 
     # ------------------------------------------------------------------------------------------ sharding
     def adapter_users(self) -> dict[str, set[int]]:
@@ -589,6 +634,7 @@ class Federation(L.LightningModule):
             {
                 "round": int(self.current_epoch),
                 **metrics,
+                **self._round_privacy,
                 "bytes_up": self.channel.stats.bytes_up,
                 "bytes_down": self.channel.stats.bytes_down,
             }
@@ -632,6 +678,7 @@ class Federation(L.LightningModule):
             "history": self.history,
             "fault_log": self.fault_log,
             "channel": self.channel.stats.state_dict(),
+            "dp_steps": {i: [c.dp_steps, c.dp_batch_size] for i, c in enumerate(self.clients) if c.dp_steps},
             "rng": rng_state(),
         }
 
@@ -650,6 +697,9 @@ class Federation(L.LightningModule):
         self.history = list(state.get("history", []))
         self.fault_log = list(state.get("fault_log", []))
         self.channel.stats.load_state_dict(state.get("channel", {}) if self.shard_rank == 0 else {})  # totals once
+        for i, (steps, batch) in state.get("dp_steps", {}).items():
+            if owner_of(int(i), self.num_shards) == self.shard_rank:  # counted again by its host only
+                self.clients[int(i)].dp_steps, self.clients[int(i)].dp_batch_size = int(steps), int(batch)
         if state.get("rng"):
             set_rng_state(state["rng"])
 

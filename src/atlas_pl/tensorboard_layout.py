@@ -31,6 +31,9 @@ CHARTS: dict[str, dict[str, str]] = {
         "validation accuracy per cluster": rf"^val_acc/{CLUSTER}$",
         "validation accuracy per task": r"^val_task/[^/]+/acc$",
     },
+    "privacy": {
+        "DP-SGD ε of the client adapters (largest, median client)": r"^privacy/dp_epsilon(_median)?$",
+    },
 }
 """Category -> chart title -> regular expression of the tags drawn as the chart's lines."""
 

@@ -76,10 +76,11 @@ def read_layout(events: EventAccumulator) -> layout_pb2.Layout:
 def test_fit_writes_three_metrics_times_cluster_and_task_charts(events) -> None:
     charts = multiline_charts(read_layout(events))
     assert sorted(charts) == sorted(
-        (category, f"{category} per {scope}")
-        for category in ("train loss", "validation loss", "validation accuracy")
-        for scope in ("cluster", "task")
-    )
+        [(category, f"{category} per {scope}")
+         for category in ("train loss", "validation loss", "validation accuracy")
+         for scope in ("cluster", "task")]
+        + [("privacy", "DP-SGD ε of the client adapters (largest, median client)")]  # drawn once DP-SGD logs it
+    )  # fmt: skip
 
 
 def test_chart_regexes_match_exactly_the_logged_cluster_and_task_tags(tiny_run, events) -> None:

@@ -23,10 +23,11 @@ from atlas_pl.algorithms.clustering import (
 from atlas_pl.algorithms.fingerprint import fingerprint_bytes, lora_gradients, project_gradients
 from atlas_pl.algorithms.importance import cluster_importance, module_importance, normalize_importance
 from atlas_pl.algorithms.merge import FactoredUpdate, dense_svd_merge, fedavg, merge_lora, normalize_weights
-from atlas_pl.algorithms.privacy import clip_to_norm, dp_epsilon, privatize
+from atlas_pl.algorithms.privacy import DPSGD, clip_to_norm, dp_epsilon, privatize
 from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, rank_pattern, scale_ranks
 
 __all__ = [
+    "DPSGD",
     "AggregationMethod",
     "AggregationReport",
     "Allocation",

@@ -1,4 +1,4 @@
-"""Differential privacy for client fingerprints: the Gaussian mechanism and its ``(ε, δ)`` accounting (pure).
+"""Differential privacy: the Gaussian mechanism for fingerprints, DP-SGD for client adapters, ``(ε, δ)`` (pure).
 
 A client clips its fingerprint to norm ``C`` and adds ``N(0, σ²C²)`` noise before it leaves the client
 (``privatize``); ``dp_epsilon`` reports the ``ε`` the release costs at a given ``δ`` through ``dp_accounting``.
@@ -8,11 +8,25 @@ as in ``dp_accounting``). That bounds what the server learns about a client's wh
 not an example-level guarantee for the client's data set: that needs per-example clipping before the gradients are
 summed (DP-SGD), which this helper does not do. Post-processing (re-normalizing the noisy vector, k-means) costs
 nothing more.
+
+:class:`DPSGD` is that example-level guarantee for a client's adapter (``model.dp_sgd``): every example's gradient of
+the client-half adapter is clipped to ``C``, the clipped gradients are summed, ``N(0, σ²C²)`` is added and the sum is
+divided by the batch size (Abadi et al., 2016; the rule of opacus's ``DPOptimizer``). The per-example gradients come
+from one backward of the client half per example (:meth:`DPSGD.backward`): below the cut examples do not interact,
+so ``∂(h_i · g_i)/∂θ`` is example ``i``'s gradient exactly, and the server's returned ``g = ∂L/∂h`` is all the client
+needs. ``ε`` after ``T`` steps at sampling rate ``q = batch / examples`` comes from ``dp_accounting``
+(:func:`dp_epsilon`; the accounting assumes Poisson sampling, the loader draws fixed-size shuffled batches, the usual
+approximation). What it protects: everything the client's adapter carries about one example (the factors uploaded
+every round and all that is computed from them). What it does not: the cut activations of the example itself, which
+leave the client every step (``model.activation_noise`` is their defence) and the server adapter and heads, which
+the server trains on them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import dp_accounting
@@ -110,3 +124,81 @@ def _check_accounting_args(
         raise ValueError(f"`sampling_rate` must be in (0, 1], got {sampling_rate!r}; use 1.0 without subsampling")
     if accountant not in ("rdp", "pld"):
         raise ValueError(f"`accountant` must be 'rdp' or 'pld', got {accountant!r}")
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD of a client's adapter: per-example clipping to ``clip_norm`` and Gaussian noise (``model.dp_sgd``).
+
+    Args:
+        noise_multiplier: ``σ``, the noise standard deviation in units of ``clip_norm`` (``>= 0``; 0 clips only and
+            gives no guarantee).
+        clip_norm: ``C``, the L2 bound of one example's gradient of the client adapter (``> 0``).
+        delta: The ``δ`` at which ``ε`` is reported, in (0, 1); below 1 / (examples of a client).
+    """
+
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.noise_multiplier, bool) or not self.noise_multiplier >= 0:
+            raise ValueError(f"dp_sgd.noise_multiplier must be >= 0 (σ in units of clip_norm), got "
+                             f"{self.noise_multiplier!r}")  # fmt: skip
+        if isinstance(self.clip_norm, bool) or not self.clip_norm > 0:
+            raise ValueError(f"dp_sgd.clip_norm must be > 0 (the L2 bound of one example's gradient, e.g. 1.0), got "
+                             f"{self.clip_norm!r}")  # fmt: skip
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp_sgd.delta must be in (0, 1), got {self.delta!r}; use less than 1 / examples")
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        params: Sequence[torch.nn.Parameter],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Fill ``params``' ``.grad`` with the private mean gradient of the batch whose cut activations are ``hidden``.
+
+        Example ``i``'s gradient is ``B · ∂(h_i · g_i)/∂θ`` (``g = ∂L/∂h`` of the batch-mean loss, so the batch
+        gradient is the mean of these, as with opacus's ``loss_reduction="mean"``); each is clipped to ``C``, the
+        clipped ones are summed, ``N(0, σ²C²)`` is added per coordinate and the sum is divided by ``B``. The result
+        is added to any ``.grad`` already there. With ``σ = 0`` and ``C`` above every norm it equals the plain
+        ``hidden.backward(grad)``.
+
+        Args:
+            hidden: The client half's output ``[B, ...]`` (its graph reaches ``params``).
+            grad: ``∂L/∂hidden`` as returned by the server, same shape.
+            params: The client adapter's trainable parameters.
+            generator: Generator of the noise (the global RNG when None; on the parameters' device).
+
+        Returns:
+            The per-example gradient norms before clipping ``[B]`` (for logging the clipped share).
+        """
+        params = [p for p in params if p.requires_grad]
+        batch = hidden.shape[0]
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        norms = torch.zeros(batch, dtype=torch.float64)
+        for i in range(batch):
+            out = torch.zeros_like(grad)
+            out[i] = grad[i]
+            per = torch.autograd.grad(hidden, params, out, retain_graph=i < batch - 1, allow_unused=True)
+            per_f = [torch.zeros_like(s) if g is None else g.float() * batch for g, s in zip(per, sums)]
+            norm = torch.sqrt(sum((g.double().pow(2).sum() for g in per_f), torch.zeros((), dtype=torch.float64)))
+            norms[i] = norm.cpu()
+            factor = min(1.0, self.clip_norm / max(float(norm), 1e-12))
+            for s, g in zip(sums, per_f):
+                s.add_(g, alpha=factor)
+        std = self.noise_multiplier * self.clip_norm
+        for p, s in zip(params, sums):
+            if std > 0:
+                s.add_(torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) * std)
+            update = (s / batch).to(p.dtype)
+            p.grad = update if p.grad is None else p.grad + update
+        return norms
+
+    def epsilon(self, steps: int, sampling_rate: float) -> float:
+        """``ε`` at ``delta`` after ``steps`` steps of one client at ``sampling_rate`` (``inf`` without noise)."""
+        if steps < 1:
+            return 0.0
+        return dp_epsilon(self.noise_multiplier, steps, self.delta, min(1.0, sampling_rate))

@@ -32,7 +32,7 @@ def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def summary_table(history: list[dict[str, Any]]) -> Table:
-    """A rich table with one row per round: validation loss/accuracy per cluster and cumulative traffic."""
+    """A rich table with one row per round: validation loss/accuracy per cluster, cumulative traffic, DP ε if any."""
     clusters = sorted({k.split("/", 1)[1] for row in history for k in row if k.startswith("val_loss/cluster_")})
     table = Table(title="federated rounds", title_justify="left")
     table.add_column("round", justify="right")
@@ -41,6 +41,9 @@ def summary_table(history: list[dict[str, Any]]) -> Table:
         table.add_column(f"val acc {c}", justify="right")
     table.add_column("total MB up", justify="right")
     table.add_column("total MB down", justify="right")
+    private = any("privacy/dp_epsilon" in row for row in history)
+    if private:
+        table.add_column("DP ε (max client)", justify="right")
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -51,6 +54,8 @@ def summary_table(history: list[dict[str, Any]]) -> Table:
             cells += [fmt(row.get(f"val_loss/{c}"), ".3f"), fmt(row.get(f"val_acc/{c}"), ".3f")]
         up, down = row.get("bytes_up"), row.get("bytes_down")
         cells += [fmt(None if up is None else up / 1e6, ".1f"), fmt(None if down is None else down / 1e6, ".1f")]
+        if private:
+            cells.append(fmt(row.get("privacy/dp_epsilon"), ".2f"))
         table.add_row(*cells)
     return table
 

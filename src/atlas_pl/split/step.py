@@ -10,6 +10,7 @@ from atlas_pl.split.backbone import ServerOutput, SplitBackbone
 from atlas_pl.split.channel import Channel
 
 Backward = Callable[[torch.Tensor], None]
+ClientBackward = Callable[[torch.Tensor, torch.Tensor], None]  # (h, ∂L/∂h) -> client adapter gradients
 
 
 def _plain_backward(loss: torch.Tensor) -> None:
@@ -24,6 +25,7 @@ def split_forward_backward(
     server_adapter: str,
     backward: Backward | None = None,
     client_idx: int = 0,
+    client_backward: ClientBackward | None = None,
 ) -> ServerOutput:
     """Run one split step up to (not including) the optimizer steps; gradients land in the two adapters.
 
@@ -48,6 +50,8 @@ def split_forward_backward(
         backward: How to backpropagate the server loss (``LightningModule.manual_backward`` under a Trainer, so
             precision plugins scale it); defaults to ``loss.backward()``.
         client_idx: Client index used by the channel's byte counters.
+        client_backward: How the client backpropagates the returned ``∂L/∂h`` through its half (``(h, grad)``;
+            ``DPSGD.backward`` for per-example clipping and noise); defaults to ``torch.autograd.backward``.
     """
     mask, labels = batch["attention_mask"], batch["labels"]
     task_id = int(batch.get("task_id", 0))
@@ -70,5 +74,8 @@ def split_forward_backward(
         raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
     grad = channel.send_gradients(received.grad, client_idx)
     # The gradient is already in the loss's (possibly scaled) units, so plain autograd continues it unchanged.
-    torch.autograd.backward(hidden, grad)
+    if client_backward is None:
+        torch.autograd.backward(hidden, grad)
+    else:
+        client_backward(hidden, grad)
     return out
