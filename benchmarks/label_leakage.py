@@ -71,6 +71,37 @@ def examples(task: str, n: int) -> tuple[list[str], list[int]]:
     return texts, [0, 1] * (n // 2)
 
 
+def u_shaped_split(model_name: str, cut: int, seed: int) -> SplitBackbone:
+    """The pretrained model as a U-shaped split at ``cut`` with fresh adapters ``c`` (client) and ``s`` (server)."""
+    torch.manual_seed(seed)
+    base = load_model(model_name, TASK_FORMAT[model_name], 2, {}, "float32").eval()
+    split = SplitBackbone(base, cut, LoraSpec())
+    split.shape = "u_shaped"
+    split.add_client_adapter("c")
+    split.add_server_adapter("s")
+    return split
+
+
+def leakage_cell(split: SplitBackbone, tokenizer: Any, task: str, keep: float, batch: int, batches: int,
+                 max_length: int) -> dict[str, float]:  # fmt: skip
+    """Norm and direction AUC (mean over ``batches`` U-shaped steps) and bytes per returned gradient at ``keep``."""
+    texts, labels = examples(task, batch * batches)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    scores, nbytes = [], 0
+    for b in range(batches):
+        sl = slice(b * batch, (b + 1) * batch)
+        step = {"input_ids": enc["input_ids"][sl], "attention_mask": enc["attention_mask"][sl],
+                "labels": torch.tensor(labels[sl])}  # fmt: skip
+        channel = _Received(sparsity=GradientSparsity(keep))
+        split.zero_grad(set_to_none=True)
+        split_forward_backward(split, channel, step, "c", "s")
+        scores.append(label_leakage(channel.received, step["labels"]))
+        nbytes += channel.stats.head_gradients_up
+    return {"norm_auc": sum(s["norm_auc"] for s in scores) / len(scores),
+            "direction_auc": sum(s["direction_auc"] for s in scores) / len(scores),
+            "bytes_per_batch": nbytes / batches}  # fmt: skip
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -112,30 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model_name in args.models:
         tokenizer = load_tokenizer(model_name)
         for cut in args.cuts:
-            torch.manual_seed(args.seed)
-            base = load_model(model_name, TASK_FORMAT[model_name], 2, {}, "float32").eval()
-            split = SplitBackbone(base, cut, LoraSpec())
-            split.shape = "u_shaped"
-            split.add_client_adapter("c")
-            split.add_server_adapter("s")
+            split = u_shaped_split(model_name, cut, args.seed)
             for task in args.tasks:
-                texts, labels = examples(task, args.batch * args.batches)
-                enc = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
                 for keep in args.keep:
-                    scores, nbytes = [], 0
-                    for b in range(args.batches):
-                        sl = slice(b * args.batch, (b + 1) * args.batch)
-                        batch = {"input_ids": enc["input_ids"][sl], "attention_mask": enc["attention_mask"][sl],
-                                 "labels": torch.tensor(labels[sl])}  # fmt: skip
-                        channel = _Received(sparsity=GradientSparsity(keep))
-                        split.zero_grad(set_to_none=True)
-                        split_forward_backward(split, channel, batch, "c", "s")
-                        scores.append(label_leakage(channel.received, batch["labels"]))
-                        nbytes += channel.stats.head_gradients_up
-                    row = {"model": model_name, "task": task, "cut": cut, "keep": keep,
-                           "norm_auc": sum(s["norm_auc"] for s in scores) / len(scores),
-                           "direction_auc": sum(s["direction_auc"] for s in scores) / len(scores),
-                           "bytes_per_batch": nbytes / args.batches}  # fmt: skip
+                    cell = leakage_cell(split, tokenizer, task, keep, args.batch, args.batches, args.max_length)
+                    row = {"model": model_name, "task": task, "cut": cut, "keep": keep, **cell}
                     rows.append(row)
                     print(f"{model_name} {task} cut {cut} keep {keep:g}: direction AUC {row['direction_auc']:.3f} "
                           f"norm AUC {row['norm_auc']:.3f} ({row['bytes_per_batch'] / 1e3:.0f} kB)",

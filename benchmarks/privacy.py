@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,6 +46,23 @@ DATA = ROOT.parent / "shared" / "data"
 MODES = {"minilm-offline": "relaxed", "smollm2-offline": "embedding"}
 TASK_FORMAT = {"minilm-offline": "classification", "smollm2-offline": "causal_lm"}
 SETTINGS = {"embedding": (300, 0.05), "relaxed": (250, 0.3)}  # Adam steps, learning rate
+
+
+@functools.cache
+def attack_backbone(model_name: str) -> tuple[SplitBackbone, Any]:
+    """The pretrained model with fresh adapters as the attack's client half (the server knows it), its tokenizer."""
+    base = load_model(model_name, TASK_FORMAT[model_name], 2, {}, "float32").eval()
+    backbone = SplitBackbone(base, 1, LoraSpec())
+    backbone.add_client_adapter("client")
+    backbone.add_server_adapter("server")
+    backbone.activate("client", "server")
+    return backbone, load_tokenizer(model_name)
+
+
+def encode(tokenizer: Any, task: str, n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of the first ``n`` test sentences of ``task``."""
+    enc = tokenizer(sentences(task, n), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def sentences(task: str, n: int) -> list[str]:
@@ -107,16 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     rows = []
     for model_name in args.models:
-        base = load_model(model_name, TASK_FORMAT[model_name], 2, {}, "float32").eval()
-        backbone = SplitBackbone(base, 1, LoraSpec())
-        backbone.add_client_adapter("client")
-        backbone.add_server_adapter("server")
-        backbone.activate("client", "server")
-        tokenizer = load_tokenizer(model_name)
+        backbone, tokenizer = attack_backbone(model_name)
         for task in args.tasks:
-            enc = tokenizer(sentences(task, args.examples), padding=True, truncation=True, max_length=args.max_length,
-                            return_tensors="pt")  # fmt: skip
-            ids, mask = enc["input_ids"], enc["attention_mask"]
+            ids, mask = encode(tokenizer, task, args.examples, args.max_length)
             for cut in args.cuts:
                 for mode in args.modes or [MODES[model_name]]:
                     for noise in args.noise:

@@ -1,0 +1,418 @@
+"""Privacy–utility: main-task accuracy (MP) and attack success (AP) of every defence, and the DCS score.
+
+For each cut layer × defence × strength of the grid (``DEFENCES``), the same federation is trained (``--seeds``, the
+test split scored) and attacked:
+
+* **utility (MP)** — ``atlas-pl fit`` + ``atlas-pl test`` of ``configs/minilm.yaml`` (all-MiniLM-L6-v2) reduced to
+  two real tasks (``--tasks``: sst2, ag_news), 2 clients each, ``--rounds`` FedAvg rounds at the config's learning
+  rate, with the defence as YAML options (``model.activation_noise``, ``model.dp_sgd``, ``model.split_shape``,
+  ``model.gradient_sparsity``, ``model.cut_layer``); per-task test accuracy, mean ± std over seeds. Runs are cached
+  in ``<out>/privacy_runs/<defence>/seed<S>/`` (a finished run is skipped, a killed one resumes).
+* **text attack (AP)** — the white-box inversion of ``benchmarks/privacy.py`` on real test sentences of each task
+  at the defence's cut and activation noise (token recall = AP). DP-SGD and the label defences do not change what
+  the activations carry, so their AP is the undefended one at their cut: a defence is scored by what it hides.
+* **label attack (AP)** — the two-part split sends every label (AP 1.0); the U-shaped split's returned gradients are
+  scored by ``benchmarks/label_leakage.py`` on real sst2 batches (direction-scoring AUC; AP = 2·AUC − 1, the
+  advantage over chance: 0 at chance, 1 with every label read).
+
+DCS = 1 / (1 + sqrt(0.5·AP² + 0.5·max(MP₀ − MP, 0)²)) per task and attack, with MP₀ the undefended two-part split at
+the smallest cut and accuracies as fractions. The target of the method description is DCS ≥ 0.7 (with no loss of
+accuracy that needs AP ≤ 0.61) at ≤ 2 points of accuracy loss. DP-SGD's clip norm is calibrated, not hard-coded: the
+median per-example gradient norm of a client adapter after ``--calibration-steps`` plain steps on a public proxy task
+(``--proxy``, not a client's data). Attack cells are cached in ``<out>/privacy_utility.json`` (and read from
+``privacy.json`` / ``label_leakage.json`` when their settings match). Outputs (atomic):
+``<out>/privacy_utility.{json,csv,png}`` and the table between ``<!-- privacy:begin -->`` / ``<!-- privacy:end -->``
+in ``benchmarks/README.md``.
+
+Usage::
+
+    python benchmarks/privacy_utility.py                     # the README's table: 14 settings x 3 seeds, ~45 min
+    python benchmarks/privacy_utility.py --defences none noise_1 dp_1 --seeds 0   # a slice
+    python benchmarks/privacy_utility.py --report-only       # re-read the runs and attack cells, rewrite outputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402
+from atlas_pl.io import atomic_write_text  # noqa: E402
+from outputs import machine_info, save_png, write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "benchmarks" / "README.md"
+BEGIN, END = "<!-- privacy:begin -->", "<!-- privacy:end -->"
+MODEL = "minilm-offline"
+BASE_CONFIG = "configs/minilm.yaml"
+
+# name -> (label, cut, model options; "CALIBRATED" is replaced by the measured clip norm at that cut)
+DEFENCES: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "none": ("none", 1, {}),
+    "noise_0.3": ("activation noise 0.3", 1, {"activation_noise": {"multiplier": 0.3}}),
+    "noise_1": ("activation noise 1", 1, {"activation_noise": {"multiplier": 1.0}}),
+    "noise_3": ("activation noise 3", 1, {"activation_noise": {"multiplier": 3.0}}),
+    "noise_10": ("activation noise 10", 1, {"activation_noise": {"multiplier": 10.0}}),
+    "dp_0.5": ("DP-SGD σ 0.5", 1, {"dp_sgd": {"noise_multiplier": 0.5, "clip_norm": "CALIBRATED"}}),
+    "dp_1": ("DP-SGD σ 1", 1, {"dp_sgd": {"noise_multiplier": 1.0, "clip_norm": "CALIBRATED"}}),
+    "dp_2": ("DP-SGD σ 2", 1, {"dp_sgd": {"noise_multiplier": 2.0, "clip_norm": "CALIBRATED"}}),
+    "u_shaped": ("U-shaped", 1, {"split_shape": "u_shaped"}),
+    "u_shaped_sparse_0.01": (
+        "U-shaped + sparse 0.01",
+        1,
+        {"split_shape": "u_shaped", "gradient_sparsity": {"keep": 0.01}},
+    ),  # fmt: skip
+    "cut3": ("deeper cut", 3, {}),
+    "cut3_noise_1": ("deeper cut + noise 1", 3, {"activation_noise": {"multiplier": 1.0}}),
+    "cut3_noise_3": ("deeper cut + noise 3", 3, {"activation_noise": {"multiplier": 3.0}}),
+    "cut5": ("deepest cut", 5, {}),
+}
+
+
+def config_of(name: str, clip: dict[int, float]) -> tuple[int, dict[str, Any]]:
+    """Cut layer and model options of defence ``name`` (the calibrated clip norm filled in)."""
+    _, cut, options = DEFENCES[name]
+    options = json.loads(json.dumps(options))
+    if "dp_sgd" in options:
+        options["dp_sgd"]["clip_norm"] = clip[cut]
+    return cut, options
+
+
+def noise_of(options: dict[str, Any]) -> float:
+    return float(options.get("activation_noise", {}).get("multiplier", 0.0))
+
+
+def keep_of(options: dict[str, Any]) -> float:
+    return float(options.get("gradient_sparsity", {}).get("keep", 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------- utility
+def build_run(name: str, seed: int, args: argparse.Namespace, clip: dict[int, float]) -> dict[str, Any]:
+    """The fit + test commands and overlay of one defence × seed (nothing is executed)."""
+    cut, options = config_of(name, clip)
+    folder = args.out / "privacy_runs" / name / f"seed{seed}"
+    rel = os.path.relpath(folder, ROOT)
+    base = compare.load_yaml(ROOT / BASE_CONFIG)
+    callbacks = [c for c in base["trainer"]["callbacks"] if "Checkpoint" not in c["class_path"]]
+    checkpoint = {"class_path": "atlas_pl.callbacks.RoundCheckpoint", "init_args": {"dirpath": f"{rel}/checkpoints"}}
+    callbacks.append(checkpoint)
+    overlay = {
+        "model": {"cut_layer": cut, **options},
+        "data": {"tasks": list(args.tasks), "num_clients": 2 * len(args.tasks)},
+        "trainer": {
+            "max_epochs": args.rounds,
+            "callbacks": callbacks,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {
+                    "save_dir": os.path.relpath(folder.parents[1], ROOT),
+                    "name": name,
+                    "version": f"seed{seed}",
+                },
+            },  # fmt: skip
+        },
+    }
+    common = ["--config", BASE_CONFIG, "--config", f"{rel}/overlay.yaml", "--seed_everything", str(seed),
+              "--data.seed", str(seed)]  # fmt: skip
+    return {"workload": "privacy", "method": name, "lr": float(base["model"]["learning_rate"]), "seed": seed,
+            "folder": folder, "overlay": overlay, "cmd": [compare.ATLAS_PL, "fit", *common],
+            "test_cmd": [compare.ATLAS_PL, "test", *common, "--ckpt_path", f"{rel}/checkpoints/last.ckpt"]}  # fmt: skip
+
+
+def parse_run(folder: Path, tasks: list[str]) -> dict[str, Any] | None:
+    """Per-task test accuracy and the last round's DP ``ε`` of a finished run (None when it is not finished)."""
+    if not compare.has_test(folder):
+        return None
+    metrics = json.loads((folder / "test_results.json").read_text())["metrics"]
+    history = json.loads((folder / "results.json").read_text()).get("history", [])
+    row: dict[str, Any] = {f"acc_{t}": metrics.get(f"test_task/{t}/acc") for t in tasks}
+    row["dp_epsilon"] = history[-1].get("privacy/dp_epsilon") if history else None
+    row["dp_clipped"] = history[-1].get("privacy/dp_clipped") if history else None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- attacks
+def calibrate_clip(cut: int, proxy: str, steps: int, seed: int) -> float:
+    """Median per-example gradient norm of a client adapter at ``cut`` after ``steps`` plain steps on ``proxy``."""
+    import torch
+
+    from atlas_pl.algorithms import DPSGD
+    from atlas_pl.data.tokenizers import load_tokenizer
+    from atlas_pl.lora.adapters import LoraSpec
+    from atlas_pl.models import load_model
+    from atlas_pl.split.backbone import SplitBackbone
+    from atlas_pl.split.channel import InProcessChannel
+    from atlas_pl.split.step import split_forward_backward
+
+    cfg = compare.load_yaml(ROOT / BASE_CONFIG)["model"]
+    torch.manual_seed(seed)
+    split = SplitBackbone(load_model(MODEL, "classification", 2, {}, "float32").train(), cut, LoraSpec(**cfg["lora"]))
+    split.add_client_adapter("c")
+    split.add_server_adapter("s")
+    tokenizer = load_tokenizer(MODEL)
+    path = compare.ROOT.parent / "shared" / "data" / proxy / "train.jsonl"
+    with path.open() as f:
+        rows = [json.loads(line) for _, line in zip(range(16 * (steps + 1)), f)]
+    opt = torch.optim.AdamW([*split.bank.parameters("c"), *split.server_parameters("s")], lr=cfg["learning_rate"])
+    norms: list[float] = []
+    params = split.bank.parameters("c")
+    probe = DPSGD(noise_multiplier=0.0, clip_norm=1e30)
+
+    def measure(hidden: torch.Tensor, grad: torch.Tensor) -> None:
+        norms.extend(probe.backward(hidden, grad, params).tolist())
+
+    for step in range(steps + 1):
+        chunk = rows[16 * step : 16 * (step + 1)]
+        enc = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch = {**enc, "labels": torch.tensor([int(r["label"]) for r in chunk])}
+        opt.zero_grad(set_to_none=True)
+        if step < steps:
+            split_forward_backward(split, InProcessChannel(), batch, "c", "s")
+            opt.step()
+        else:
+            split_forward_backward(split, InProcessChannel(), batch, "c", "s", client_backward=measure)
+    return float(statistics.median(norms))
+
+
+def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, settings: dict) -> dict[str, float]:
+    """Inversion token recall per task at ``cut`` / ``noise`` (cached rows, else run ``privacy.attack_cell``)."""
+    out = {}
+    for task in tasks:
+        hit = next((r for r in cache if (r["model"], r["task"], r["cut"], r["noise"]) == (MODEL, task, cut, noise)),
+                   None)  # fmt: skip
+        if hit is None:
+            import privacy
+
+            backbone, tokenizer = privacy.attack_backbone(MODEL)
+            ids, mask = privacy.encode(tokenizer, task, settings["examples"], settings["max_length"])
+            cell = privacy.attack_cell(backbone, ids, mask, cut, noise, privacy.MODES[MODEL], settings["seed"])
+            hit = {"model": MODEL, "task": task, "cut": cut, "noise": noise, **cell}
+            cache.append(hit)
+            print(f"inversion {task} cut {cut} noise {noise:g}: recall {hit['recall']:.3f}", flush=True)
+        out[task] = float(hit["recall"])
+    return out
+
+
+def label_attack(cache: list[dict], keep: float, settings: dict) -> dict[str, float]:
+    """Direction / norm AUC of the U-shaped label attack on the label task at ``keep`` (cached, else measured)."""
+    task = settings["label_task"]
+    hit = next((r for r in cache if (r["model"], r["task"], r["keep"]) == (MODEL, task, keep)), None)
+    if hit is None:
+        import label_leakage
+        from atlas_pl.data.tokenizers import load_tokenizer
+
+        split = label_leakage.u_shaped_split(MODEL, 1, settings["seed"])
+        cell = label_leakage.leakage_cell(split, load_tokenizer(MODEL), task, keep, settings["label_batch"],
+                                          settings["label_batches"], settings["label_max_length"])  # fmt: skip
+        hit = {"model": MODEL, "task": task, "cut": 1, "keep": keep, **cell}
+        cache.append(hit)
+        print(f"label attack {task} keep {keep:g}: direction AUC {hit['direction_auc']:.3f}", flush=True)
+    return {"direction_auc": float(hit["direction_auc"]), "norm_auc": float(hit["norm_auc"])}
+
+
+def matching_rows(path: Path, settings: dict[str, Any], keys: list[str]) -> list[dict]:
+    """Rows of an earlier report whose settings agree with ``settings`` on ``keys`` (else none)."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    return list(report["rows"]) if all(report["settings"].get(k) == settings[k] for k in keys) else []
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def dcs(ap: float, mp: float, mp0: float) -> float:
+    """The method description's privacy score: 1 / (1 + sqrt(0.5·AP² + 0.5·max(MP₀ − MP, 0)²))."""
+    return 1.0 / (1.0 + math.sqrt(0.5 * ap**2 + 0.5 * max(mp0 - mp, 0.0) ** 2))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: dict[str, list[dict]], attacks: dict[str, dict], tasks: list[str]) -> list[dict[str, Any]]:
+    """One row per defence: MP per task (mean ± std), AP per attack, DCS per task and attack, ε."""
+    base = [r for r in runs.get("none", []) if r]
+    if not base:
+        raise SystemExit("no finished undefended run ('none'): it is MP₀ of every DCS; run it first")
+    mp0 = {t: statistics.fmean(r[f"acc_{t}"] for r in base) for t in tasks}
+    rows = []
+    for name, found in runs.items():
+        done = [r for r in found if r]
+        if not done:
+            continue
+        label, cut, _ = DEFENCES[name]
+        att = attacks[name]
+        row: dict[str, Any] = {"defence": name, "label": label, "cut": cut, "seeds": len(done)}
+        for t in tasks:
+            m, s = mean_std([r[f"acc_{t}"] for r in done])
+            row[f"mp_{t}"], row[f"mp_std_{t}"], row[f"mp_drop_{t}"] = m, s, mp0[t] - m
+            row[f"ap_text_{t}"] = att["text"][t]
+            row[f"dcs_text_{t}"] = dcs(att["text"][t], m, mp0[t])
+        lt = att["label_task"]
+        row["ap_label"] = att["label_ap"]
+        row["label_direction_auc"] = att.get("direction_auc")
+        row[f"dcs_label_{lt}"] = dcs(att["label_ap"], row[f"mp_{lt}"], mp0[lt])
+        eps = [r["dp_epsilon"] for r in done if r.get("dp_epsilon") is not None]
+        row["dp_epsilon"] = max(eps) if eps else None
+        clipped = [r["dp_clipped"] for r in done if r.get("dp_clipped") is not None]
+        row["dp_clipped"] = statistics.fmean(clipped) if clipped else None
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], tasks: list[str], settings: dict, command: str) -> str:
+    lt = settings["label_task"]
+    head = ["defence", "cut", *[f"MP {t}" for t in tasks], *[f"AP text {t}" for t in tasks],
+            *[f"DCS text {t}" for t in tasks], f"AP labels ({lt})", f"DCS labels ({lt})", "DP ε"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], str(r["cut"])]
+        cells += [f"{r[f'mp_{t}']:.3f} ± {r[f'mp_std_{t}']:.3f}" for t in tasks]
+        cells += [f"{r[f'ap_text_{t}']:.2f}" for t in tasks]
+        cells += [(f"**{v:.2f}**" if (v := r[f"dcs_text_{t}"]) >= 0.7 else f"{v:.2f}") for t in tasks]
+        cells += [f"{r['ap_label']:.2f}", f"{r[f'dcs_label_{lt}']:.2f}"]
+        cells.append("–" if r["dp_epsilon"] is None else f"{r['dp_epsilon']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = max(r["seeds"] for r in rows)
+    return (
+        f"`{command}` — all-MiniLM-L6-v2, {len(tasks) * 2} clients ({', '.join(tasks)}, 2 each), "
+        f"{settings['rounds']} FedAvg rounds, lr {settings['lr']:g}, {seeds} seeds (test split, mean ± std); "
+        f"inversion on {settings['examples']} test sentences per task; label attack on {settings['label_batches']} "
+        f"{lt} batches of {settings['label_batch']}; DP-SGD clip norm = median per-example norm on "
+        f"{settings['proxy']} ({', '.join(f'cut {c}: {v:.2g}' for c, v in settings['clip'].items())}), δ = 1e-5, "
+        f"ε of the most-exposed client after the last round. **Bold**: DCS ≥ 0.7.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    families = {"none": "none", "noise": "activation noise (cut 1)", "dp": "DP-SGD (cut 1)",
+                "u_shaped": "U-shaped", "cut": "deeper cut"}  # fmt: skip
+    for ax, kind in zip(axes, ("text", "label")):
+        for fam, title in families.items():
+            sel = [r for r in rows if r["defence"].startswith(fam) and (fam != "none" or r["defence"] == "none")]
+            if fam == "cut":
+                sel = [r for r in rows if r["cut"] > 1]
+            if not sel:
+                continue
+            acc = [statistics.fmean(r[f"mp_{t}"] for t in tasks) for r in sel]
+            ap = [statistics.fmean(r[f"ap_text_{t}"] for t in tasks) if kind == "text" else r["ap_label"] for r in sel]
+            ax.plot(acc, ap, "o-" if len(sel) > 1 else "o", label=title)
+            for a, p, r in zip(acc, ap, sel):
+                ax.annotate(r["label"].replace("activation ", "").replace("DP-SGD ", ""), (a, p), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.axhline(0.61, color="grey", lw=0.8, ls="--")
+        ax.text(ax.get_xlim()[0], 0.62, "DCS 0.7 at no accuracy loss", fontsize=7, color="grey")
+        ax.set_xlabel(f"test accuracy, mean of {', '.join(tasks)}")
+        ax.set_ylabel("inversion token recall (AP)" if kind == "text" else "label attack advantage 2·AUC − 1 (AP)")
+        ax.set_ylim(-0.03, 1.05)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    save_png(fig, path)
+
+
+def write_readme(text: str) -> None:
+    doc = README.read_text()
+    if BEGIN in doc and END in doc:
+        pre, rest = doc.split(BEGIN, 1)
+        doc = pre + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    else:
+        doc = doc.rstrip() + f"\n\n## Privacy–utility\n\n{BEGIN}\n{text}{END}\n"
+    atomic_write_text(README, doc)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
+    p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--proxy", default="mr", help="public proxy task of the clip-norm calibration")
+    p.add_argument("--calibration-steps", type=int, default=8)
+    p.add_argument("--examples", type=int, default=4, help="sentences per task attacked by the inversion")
+    p.add_argument("--report-only", action="store_true", help="run nothing: re-read the runs and cached cells")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    previous = args.out / "privacy_utility.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    settings = {"examples": args.examples, "max_length": 24, "seed": 0, "label_task": "sst2", "label_batch": 32,
+                "label_batches": 4, "label_max_length": 48, "rounds": args.rounds, "proxy": args.proxy,
+                "calibration_steps": args.calibration_steps,
+                "lr": float(compare.load_yaml(ROOT / BASE_CONFIG)["model"]["learning_rate"])}  # fmt: skip
+    cuts = sorted({DEFENCES[d][1] for d in args.defences if "dp_sgd" in DEFENCES[d][2]})
+    same = old.get("settings", {}).get("proxy") == args.proxy and old.get("settings", {}).get(
+        "calibration_steps") == args.calibration_steps  # fmt: skip
+    clip = {int(c): float(v) for c, v in (old.get("settings", {}).get("clip", {}) if same else {}).items()}
+    for cut in cuts:
+        if cut not in clip and not args.report_only:
+            clip[cut] = calibrate_clip(cut, args.proxy, args.calibration_steps, 0)
+            print(f"DP-SGD clip norm at cut {cut}: {clip[cut]:.3g} (median per-example norm on {args.proxy})")
+    settings["clip"] = clip
+    torch_threads = max(1, min(4, os.cpu_count() or 1))
+    runs: dict[str, list[dict]] = {}
+    planned = [build_run(d, s, args, clip) for d in args.defences for s in args.seeds
+               if "dp_sgd" not in DEFENCES[d][2] or DEFENCES[d][1] in clip]  # fmt: skip
+    if not args.report_only:
+        failed = compare.run_all([r for r in planned if not compare.has_test(r["folder"])], args.jobs,
+                                 "privacy–utility runs")  # fmt: skip
+        if failed:
+            print(f"{len(failed)} run(s) failed; see their log.txt", file=sys.stderr)
+    for r in planned:
+        runs.setdefault(r["method"], []).append(parse_run(r["folder"], args.tasks))  # type: ignore[arg-type]
+    # attacks: cached cells of an earlier report of this script, of privacy.py and of label_leakage.py
+    text_cache = [r for r in old.get("text_attacks", []) if old.get("settings", {}).get("examples") == args.examples]
+    text_cache += matching_rows(args.out / "privacy.json", settings, ["examples", "max_length", "seed"])
+    label_cache = list(old.get("label_attacks", []))
+    wanted = {"batch": settings["label_batch"], "batches": settings["label_batches"],
+              "max_length": settings["label_max_length"], "seed": settings["seed"]}  # fmt: skip
+    label_cache += matching_rows(args.out / "label_leakage.json", wanted, list(wanted))
+    attacks: dict[str, dict] = {}
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    for name in runs:
+        _, cut, options = DEFENCES[name]
+        text = text_attack(text_cache, args.tasks, cut, noise_of(options), settings)
+        entry: dict[str, Any] = {"text": text, "label_task": settings["label_task"], "label_ap": 1.0}
+        if options.get("split_shape") == "u_shaped":
+            scores = label_attack(label_cache, keep_of(options), settings)
+            entry.update(scores, label_ap=max(0.0, 2 * scores["direction_auc"] - 1))
+        attacks[name] = entry
+    rows = summarize(runs, attacks, args.tasks)
+    extra = [] if args.seeds == [0, 1, 2] else ["--seeds", *map(str, args.seeds)]
+    extra += [] if args.rounds == 3 else ["--rounds", str(args.rounds)]
+    extra += [] if args.defences == list(DEFENCES) else ["--defences", *args.defences]
+    command = " ".join(["python benchmarks/privacy_utility.py", *extra])
+    report = {"settings": settings, "machine": machine_info(), "rows": rows,
+              "text_attacks": [r for r in text_cache if r["model"] == MODEL],
+              "label_attacks": [r for r in label_cache if r["model"] == MODEL]}  # fmt: skip
+    write_report(args.out, "privacy_utility", report, rows)
+    plot(rows, args.tasks, args.out / "privacy_utility.png")
+    table = markdown(rows, args.tasks, settings, command)
+    if args.out == (ROOT / "benchmarks" / "results").resolve():
+        write_readme(table)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
