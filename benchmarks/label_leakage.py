@@ -28,8 +28,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
+from atlas_pl.algorithms import randomized_response
 from atlas_pl.attacks import label_leakage
 from atlas_pl.data.tokenizers import load_tokenizer
 from atlas_pl.lora.adapters import LoraSpec
@@ -83,9 +86,17 @@ def u_shaped_split(model_name: str, cut: int, seed: int) -> SplitBackbone:
 
 
 def leakage_cell(split: SplitBackbone, tokenizer: Any, task: str, keep: float, batch: int, batches: int,
-                 max_length: int) -> dict[str, float]:  # fmt: skip
-    """Norm and direction AUC (mean over ``batches`` U-shaped steps) and bytes per returned gradient at ``keep``."""
-    texts, labels = examples(task, batch * batches)
+                 max_length: int, label_dp_epsilon: float | None = None) -> dict[str, float]:  # fmt: skip
+    """Norm and direction AUC (mean over ``batches`` U-shaped steps) and bytes per returned gradient at ``keep``.
+
+    With ``label_dp_epsilon`` the client trains on randomized-response labels (``data.label_dp_epsilon``) and the
+    attacks are scored against the true ones; ``sent_label_auc`` is then the AUC of the noisy labels themselves
+    against the true ones (what a two-part server, which receives them, reads).
+    """
+    texts, truth = examples(task, batch * batches)
+    labels = truth
+    if label_dp_epsilon is not None:
+        labels = randomized_response(np.asarray(truth), 2, label_dp_epsilon, seed=0).tolist()
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     scores, nbytes = [], 0
     for b in range(batches):
@@ -95,11 +106,12 @@ def leakage_cell(split: SplitBackbone, tokenizer: Any, task: str, keep: float, b
         channel = _Received(sparsity=GradientSparsity(keep))
         split.zero_grad(set_to_none=True)
         split_forward_backward(split, channel, step, "c", "s")
-        scores.append(label_leakage(channel.received, step["labels"]))
+        scores.append(label_leakage(channel.received, torch.tensor(truth[sl])))
         nbytes += channel.stats.head_gradients_up
+    sent = roc_auc_score(truth, labels) if label_dp_epsilon is not None else 1.0
     return {"norm_auc": sum(s["norm_auc"] for s in scores) / len(scores),
             "direction_auc": sum(s["direction_auc"] for s in scores) / len(scores),
-            "bytes_per_batch": nbytes / batches}  # fmt: skip
+            "bytes_per_batch": nbytes / batches, "sent_label_auc": float(max(sent, 1 - sent))}  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:

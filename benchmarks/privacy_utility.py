@@ -69,6 +69,9 @@ DEFENCES: dict[str, tuple[str, int, dict[str, Any]]] = {
         1,
         {"split_shape": "u_shaped", "gradient_sparsity": {"keep": 0.01}},
     ),  # fmt: skip
+    "label_dp_0.5": ("label DP ε 0.5", 1, {"label_dp_epsilon": 0.5}),
+    "label_dp_1": ("label DP ε 1", 1, {"label_dp_epsilon": 1.0}),
+    "label_dp_2": ("label DP ε 2", 1, {"label_dp_epsilon": 2.0}),
     "cut3": ("deeper cut", 3, {}),
     "cut3_noise_1": ("deeper cut + noise 1", 3, {"activation_noise": {"multiplier": 1.0}}),
     "cut3_noise_3": ("deeper cut + noise 3", 3, {"activation_noise": {"multiplier": 3.0}}),
@@ -104,8 +107,12 @@ def build_run(name: str, seed: int, args: argparse.Namespace, clip: dict[int, fl
     checkpoint = {"class_path": "atlas_pl.callbacks.RoundCheckpoint", "init_args": {"dirpath": f"{rel}/checkpoints"}}
     callbacks.append(checkpoint)
     overlay = {
-        "model": {"cut_layer": cut, **options},
-        "data": {"tasks": list(args.tasks), "num_clients": 2 * len(args.tasks)},
+        "model": {"cut_layer": cut, **{k: v for k, v in options.items() if k != "label_dp_epsilon"}},
+        "data": {
+            "tasks": list(args.tasks),
+            "num_clients": 2 * len(args.tasks),
+            **{k: v for k, v in options.items() if k == "label_dp_epsilon"},
+        },  # fmt: skip
         "trainer": {
             "max_epochs": args.rounds,
             "callbacks": callbacks,
@@ -201,21 +208,24 @@ def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, set
     return out
 
 
-def label_attack(cache: list[dict], keep: float, settings: dict) -> dict[str, float]:
-    """Direction / norm AUC of the U-shaped label attack on the label task at ``keep`` (cached, else measured)."""
+def label_attack(cache: list[dict], keep: float, settings: dict, epsilon: float | None = None) -> dict[str, float]:
+    """Direction / norm AUC of the U-shaped label attack on the label task at ``keep`` and label-DP ``epsilon``
+    (cached, else measured), and the AUC of the labels a two-part server receives."""
     task = settings["label_task"]
-    hit = next((r for r in cache if (r["model"], r["task"], r["keep"]) == (MODEL, task, keep)), None)
+    hit = next((r for r in cache if (r["model"], r["task"], r["keep"], r.get("label_dp_epsilon")) ==
+                (MODEL, task, keep, epsilon)), None)  # fmt: skip
     if hit is None:
         import label_leakage
         from atlas_pl.data.tokenizers import load_tokenizer
 
         split = label_leakage.u_shaped_split(MODEL, 1, settings["seed"])
         cell = label_leakage.leakage_cell(split, load_tokenizer(MODEL), task, keep, settings["label_batch"],
-                                          settings["label_batches"], settings["label_max_length"])  # fmt: skip
-        hit = {"model": MODEL, "task": task, "cut": 1, "keep": keep, **cell}
+                                          settings["label_batches"], settings["label_max_length"], epsilon)  # fmt: skip
+        hit = {"model": MODEL, "task": task, "cut": 1, "keep": keep, "label_dp_epsilon": epsilon, **cell}
         cache.append(hit)
         print(f"label attack {task} keep {keep:g}: direction AUC {hit['direction_auc']:.3f}", flush=True)
-    return {"direction_auc": float(hit["direction_auc"]), "norm_auc": float(hit["norm_auc"])}
+    return {"direction_auc": float(hit["direction_auc"]), "norm_auc": float(hit["norm_auc"]),
+            "sent_label_auc": float(hit.get("sent_label_auc", 1.0))}  # fmt: skip
 
 
 def matching_rows(path: Path, settings: dict[str, Any], keys: list[str]) -> list[dict]:
@@ -393,9 +403,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _, cut, options = DEFENCES[name]
         text = text_attack(text_cache, args.tasks, cut, noise_of(options), settings)
         entry: dict[str, Any] = {"text": text, "label_task": settings["label_task"], "label_ap": 1.0}
-        if options.get("split_shape") == "u_shaped":
-            scores = label_attack(label_cache, keep_of(options), settings)
-            entry.update(scores, label_ap=max(0.0, 2 * scores["direction_auc"] - 1))
+        epsilon = options.get("label_dp_epsilon")
+        if options.get("split_shape") == "u_shaped" or epsilon is not None:
+            scores = label_attack(label_cache, keep_of(options), settings, epsilon)
+            best = scores["direction_auc"] if options.get("split_shape") == "u_shaped" else scores["sent_label_auc"]
+            if epsilon is not None:  # the server reads the noisy labels (two-part) or the gradients: the better
+                best = max(scores["direction_auc"], scores["sent_label_auc"])
+            entry.update(scores, label_ap=max(0.0, 2 * best - 1))
         attacks[name] = entry
     rows = summarize(runs, attacks, args.tasks)
     extra = [] if args.seeds == [0, 1, 2] else ["--seeds", *map(str, args.seeds)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atlas_pl.algorithms import randomized_response
 from atlas_pl.attacks import label_leakage
 from atlas_pl.federation import Federation
 from atlas_pl.lora.adapters import LoraSpec
@@ -25,7 +26,7 @@ class _Tap(InProcessChannel):
         return self.received
 
 
-def _u_shaped_step(channel: _Tap) -> torch.Tensor:
+def _u_shaped_step(channel: _Tap, labels: torch.Tensor | None = None) -> torch.Tensor:
     """One U-shaped step of a tiny BERT classifier on 16 random sequences through ``channel``; the labels."""
     torch.manual_seed(0)
     base = load_model("bert-tiny", "classification", 2, TINY).eval()
@@ -33,7 +34,7 @@ def _u_shaped_step(channel: _Tap) -> torch.Tensor:
     split.shape = "u_shaped"
     split.add_client_adapter("c")
     split.add_server_adapter("s")
-    labels = torch.tensor([0, 1] * 8)
+    labels = torch.tensor([0, 1] * 8) if labels is None else labels
     ids = torch.randint(5, 1000, (16, 12), generator=torch.Generator().manual_seed(1))
     split_forward_backward(split, channel, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                             "labels": labels}, "c", "s")  # fmt: skip
@@ -47,6 +48,19 @@ def test_the_gradients_a_u_shaped_client_returns_disclose_its_binary_labels() ->
     assert scores["direction_auc"] >= 0.95, scores  # softmax(z) - onehot(y): the two classes point apart
     shuffled = label_leakage(tap.seen, labels[torch.randperm(16, generator=torch.Generator().manual_seed(2))])
     assert shuffled["direction_auc"] < scores["direction_auc"]
+
+
+def test_randomized_response_labels_leave_the_attack_only_the_noisy_labels() -> None:
+    true = torch.tensor([0, 1] * 8)
+    noisy = torch.from_numpy(randomized_response(true.numpy(), 2, 0.3, seed=0))
+    assert 0 < int((noisy != true).sum()) < 16
+    tap = _Tap()
+    _u_shaped_step(tap, noisy)  # the client trains on the randomized labels (data.label_dp_epsilon)
+    read = label_leakage(tap.seen, noisy)["direction_auc"]
+    against_truth = label_leakage(tap.seen, true)["direction_auc"]
+    assert read >= 0.95  # the attack still reads the labels the client used ...
+    agreement = float((noisy == true).double().mean())
+    assert against_truth <= max(agreement, 1 - agreement) + 0.1 < read  # ... which are the true ones only by chance
 
 
 def test_label_leakage_needs_binary_labels_with_both_classes() -> None:

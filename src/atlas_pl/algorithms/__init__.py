@@ -23,15 +23,22 @@ from atlas_pl.algorithms.clustering import (
 from atlas_pl.algorithms.fingerprint import fingerprint_bytes, lora_gradients, project_gradients
 from atlas_pl.algorithms.importance import cluster_importance, module_importance, normalize_importance
 from atlas_pl.algorithms.merge import FactoredUpdate, dense_svd_merge, fedavg, merge_lora, normalize_weights
-from atlas_pl.algorithms.privacy import DPSGD, clip_to_norm, dp_epsilon, privatize
+from atlas_pl.algorithms.privacy import (
+    DPSGD,
+    clip_to_norm,
+    dp_epsilon,
+    keep_probability,
+    privatize,
+    randomized_response,
+)
 from atlas_pl.algorithms.rank_allocation import Allocation, RankAllocator, rank_pattern, scale_ranks
 
 __all__ = [
-    "DPSGD",
     "AggregationMethod",
     "AggregationReport",
     "Allocation",
     "ClusterResult",
+    "DPSGD",
     "DenseSVD",
     "Exact",
     "FLoRA",
@@ -52,6 +59,7 @@ __all__ = [
     "embed_2d",
     "fedavg",
     "fingerprint_bytes",
+    "keep_probability",
     "lora_gradients",
     "merge_lora",
     "merge_lora_states",
@@ -60,6 +68,7 @@ __all__ = [
     "normalize_weights",
     "privatize",
     "project_gradients",
+    "randomized_response",
     "rank_pattern",
     "scale_ranks",
 ]

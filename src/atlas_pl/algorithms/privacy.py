@@ -20,6 +20,13 @@ approximation). What it protects: everything the client's adapter carries about 
 every round and all that is computed from them). What it does not: the cut activations of the example itself, which
 leave the client every step (``model.activation_noise`` is their defence) and the server adapter and heads, which
 the server trains on them.
+
+:func:`randomized_response` is label differential privacy (``data.label_dp_epsilon``; Warner 1965, Ghazi et al.,
+"Deep Learning with Label Differential Privacy", 2021): before training, a client replaces each training label by
+itself with probability ``e^ε / (e^ε + K − 1)`` and by each other class otherwise, once. Everything computed from the
+noisy labels afterwards (the returned gradients of a U-shaped split, the labels a two-part server reads, the adapters)
+is post-processing, so every label is ``ε``-label-DP for the whole training, however many rounds. It is the defence of
+the labels that the gradient attacks of :mod:`atlas_pl.attacks.labels` cannot undo: what they read is the noisy label.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import dp_accounting
+import numpy as np
 import torch
 
 Accountant = Literal["rdp", "pld"]
@@ -202,3 +210,35 @@ class DPSGD:
         if steps < 1:
             return 0.0
         return dp_epsilon(self.noise_multiplier, steps, self.delta, min(1.0, sampling_rate))
+
+
+def keep_probability(epsilon: float, num_classes: int) -> float:
+    """Probability that randomized response keeps a label: ``e^ε / (e^ε + K − 1)``."""
+    return 1.0 / (1.0 + (num_classes - 1) * math.exp(-epsilon))
+
+
+def randomized_response(
+    labels: np.ndarray, num_classes: int, epsilon: float, seed: int | tuple[int, ...] = 0
+) -> np.ndarray:
+    """``ε``-label-DP labels: each kept with :func:`keep_probability`, else replaced by a uniform other class.
+
+    Args:
+        labels: Integer labels in ``[0, num_classes)``.
+        num_classes: ``K`` (>= 2).
+        epsilon: ``ε`` (> 0); the larger, the more labels are kept.
+        seed: Seed of the draw (a client draws once and keeps the noisy labels).
+
+    Raises:
+        ValueError: ``epsilon`` not positive, fewer than 2 classes, or a label outside ``[0, num_classes)``.
+    """
+    if isinstance(epsilon, bool) or not epsilon > 0:
+        raise ValueError(f"label_dp_epsilon must be > 0 (e.g. 1.0; larger keeps more labels), got {epsilon!r}")
+    if num_classes < 2:
+        raise ValueError(f"randomized response needs >= 2 classes, got {num_classes}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    rng = np.random.default_rng(seed)
+    flip = rng.random(labels.shape) >= keep_probability(epsilon, num_classes)
+    shift = rng.integers(1, num_classes, size=labels.shape)  # a uniform other class
+    return np.where(flip, (labels + shift) % num_classes, labels)

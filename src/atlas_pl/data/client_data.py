@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from atlas_pl.algorithms.privacy import randomized_response
 from atlas_pl.data.encoding import encode_split
 from atlas_pl.data.partition import ClientSplit, assign_clients, split_eval, split_task
 from atlas_pl.data.tasks import Task
@@ -129,6 +130,10 @@ def _materialize(encoded: Any, idx: np.ndarray, task_id: int, name: str, client:
     return rows
 
 
+def _relabel(_: dict[str, Any], i: int, noisy: np.ndarray) -> dict[str, int]:
+    return {"label": int(noisy[i])}
+
+
 def client_datasets(
     tasks: list[Task],
     tokenizer: PreTrainedTokenizerBase,
@@ -142,6 +147,7 @@ def client_datasets(
     max_target_length: int,
     examples_per_client: int,
     val_fraction: float,
+    label_dp: tuple[float, int] | None = None,
 ) -> ClientDatasets:
     """Tokenizes the tasks the clients use and materializes each client's train, validation and test records.
 
@@ -158,6 +164,9 @@ def client_datasets(
         max_target_length: Maximum answer tokens (before EOS) of generative tasks.
         examples_per_client: The DataModule's setting, named in the error message.
         val_fraction: The DataModule's setting, named in the error message.
+        label_dp: ``(ε, seed)``: the training records carry randomized-response labels
+            (:func:`atlas_pl.algorithms.randomized_response`, drawn once per example); validation and test keep the
+            true ones.
 
     Returns:
         The records of every client.
@@ -173,10 +182,16 @@ def client_datasets(
         max_target_length=max_target_length,
     )
     enc_train: dict[int, Any] = {}
+    enc_private: dict[int, Any] = {}  # the training records: randomized labels with label_dp, else enc_train
     enc_eval: dict[int, Any] = {}
     for t in sorted(set(client_task_ids)):
         task = tasks[t]
         enc_train[t] = encode(task.train, task, task.template)
+        enc_private[t] = enc_train[t]
+        if label_dp is not None:
+            noisy = randomized_response(np.asarray(task.train["label"]), task.num_labels, label_dp[0], (label_dp[1], t))
+            private = task.train.map(partial(_relabel, noisy=noisy), with_indices=True)
+            enc_private[t] = encode(private, task, task.template)
         held_out = task.validation if legacy else task.eval_split
         enc_eval[t] = None if held_out is None else encode(held_out, task, task.template)
     data = ClientDatasets(train=[], val=[], test=[], label_hists=[])
@@ -188,7 +203,7 @@ def client_datasets(
                 f"(now {examples_per_client}), give the task more data, or lower val_fraction "
                 f"(now {val_fraction})."
             )
-        data.train.append(_materialize(enc_train[t], share.train, t, task.name, c))
+        data.train.append(_materialize(enc_private[t], share.train, t, task.name, c))
         val_source = enc_eval[t] if legacy else enc_train[t]
         data.val.append(_materialize(val_source, share.val, t, task.name, c))
         data.test.append(_materialize(enc_eval[t], test, t, task.name, c) if enc_eval[t] is not None else [])

@@ -100,6 +100,11 @@ class FederatedDataModule(L.LightningDataModule):
             own) or ``per_label_words`` (tasks with the same label words share one head, each word one output; the
             classes are renumbered in word order, see ``Task.sorted_by_label_word``). After :meth:`setup`,
             ``task_heads`` gives each task's head (the task id of the first task sharing it).
+        label_dp_epsilon: Label differential privacy: every client trains on randomized-response labels (each kept
+            with probability ``e^ε / (e^ε + K − 1)``, else a uniform other class; drawn once, seeded by ``seed``), so
+            whatever leaves it (the labels of a two-part split, the gradients of a U-shaped one, the adapters) is
+            ``ε``-label-DP for the whole run; validation and test labels stay true. Classification tasks only;
+            ``null``: off. See :func:`atlas_pl.algorithms.randomized_response`.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class FederatedDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         interleave_clients: bool = False,
         heads: Literal["per_task", "per_label_words"] = "per_task",
+        label_dp_epsilon: float | None = None,
     ) -> None:
         super().__init__()
         _check(num_clients >= 1, "num_clients", num_clients, "pass num_clients >= 1")
@@ -157,9 +163,17 @@ class FederatedDataModule(L.LightningDataModule):
         ):
             _check(cap is None or cap >= MIN_EXAMPLES, name, cap, f"pass null or an int >= {MIN_EXAMPLES}")
         _check(heads in ("per_task", "per_label_words"), "heads", heads, "use 'per_task' or 'per_label_words'")
+        eps_ok = label_dp_epsilon is None or (not isinstance(label_dp_epsilon, bool) and label_dp_epsilon > 0)
+        _check(eps_ok, "label_dp_epsilon", label_dp_epsilon, "pass null (no label privacy) or an epsilon > 0, e.g. 1.0")
         _check(max_target_length >= 1, "max_target_length", max_target_length, "pass max_target_length >= 1")
         _check(tasks is None or len(tasks) > 0, "tasks", tasks, "list at least one task, or leave tasks unset")
         specs = [TaskSpec.parse(t) for t in tasks or []]  # validates spec keys early
+        if label_dp_epsilon is not None and any(sp.kind != "classification" for sp in specs):
+            raise ValueError(
+                "label_dp_epsilon randomizes class labels, but "
+                f"{[sp.name for sp in specs if sp.kind != 'classification']} are generative tasks; fix: drop "
+                "label_dp_epsilon or train classification tasks only."
+            )
         if task_format == "classification" and any(sp.kind != "classification" for sp in specs):
             raise ValueError(
                 f"task_format='classification' cannot train generative tasks "
@@ -198,6 +212,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.interleave_clients = interleave_clients
         self.heads = heads
+        self.label_dp_epsilon = label_dp_epsilon
         self.task_heads: list[int] = []
         self._is_setup = False
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -290,6 +305,7 @@ class FederatedDataModule(L.LightningDataModule):
             max_target_length=self.max_target_length,
             examples_per_client=self.examples_per_client,
             val_fraction=self.val_fraction,
+            label_dp=None if self.label_dp_epsilon is None else (self.label_dp_epsilon, self.seed),
         )
         self.train_datasets, self.val_datasets, self.test_datasets = data.train, data.val, data.test
         self._label_hists = data.label_hists
