@@ -7,10 +7,12 @@ the server runs the white-box inversion of :mod:`atlas_pl.attacks` on the activa
 sentences and the scores are recorded: token recall (the attack's success AP), precision, position accuracy, ROUGE-L
 over token ids. The attack mode per model is the one that works on it (``relaxed`` for BERT, whose embedding block
 normalizes; ``embedding`` for LLaMA), overridable with ``--modes``. The client adapter is fresh (``B = 0``), so the
-client half is the pretrained model itself, which the server knows.
+client half is the pretrained model itself, which the server knows. The learned inverter (``attack: learned``) is
+fit per model and cut on ``--aux-examples`` train sentences of a public auxiliary task (``--aux-task``, not a
+client's) and reads each cell's activations at once, without optimisation (``--no-learned`` skips it).
 
-Not here yet: the main-task accuracy under each defence (the utility side of the trade-off and DCS), the label
-attacks of the U-shaped split, and the learned inverter. Outputs (atomic): ``<out>/privacy.{json,csv,png}``.
+The accuracy side of each defence, the label attacks and DCS are ``benchmarks/privacy_utility.py``'s (which reuses
+these cells). Outputs (atomic): ``<out>/privacy.{json,csv,png}``.
 
 Usage::
 
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from atlas_pl.attacks import invert_activations, token_scores
+from atlas_pl.attacks import LearnedInverter, invert_activations, learned_inversion, token_scores
 from atlas_pl.data.tokenizers import load_tokenizer
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.models import load_model
@@ -87,6 +89,36 @@ def attack_cell(backbone: SplitBackbone, ids: torch.Tensor, mask: torch.Tensor, 
             "seconds": time.perf_counter() - start, "attack": mode, "steps": steps}  # fmt: skip
 
 
+@functools.cache
+def inverter(model_name: str, cut: int, aux_task: str, aux_examples: int, max_length: int) -> LearnedInverter:
+    """The learned inverter of ``model_name``'s client half at ``cut``, fit on ``aux_examples`` train sentences of the
+    public auxiliary task ``aux_task`` (not a client's)."""
+    backbone, tokenizer = attack_backbone(model_name)
+    path = DATA / aux_task / "train.jsonl"
+    if not path.exists():
+        raise SystemExit(f"no {path}: put the shared data folder beside the repository (see ../shared/data/README)")
+    with path.open() as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(aux_examples), f)]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return LearnedInverter.fit(lambda i, m: backbone.client_forward(i, m, cut), backbone.model.get_input_embeddings(),
+                               enc["input_ids"], enc["attention_mask"])  # fmt: skip
+
+
+def learned_cell(model_name: str, ids: torch.Tensor, mask: torch.Tensor, cut: int, noise: float, seed: int,
+                 aux_task: str, aux_examples: int, max_length: int) -> dict[str, Any]:  # fmt: skip
+    """The learned inverter (no refinement) on the same noisy activations as :func:`attack_cell` draws."""
+    backbone, _ = attack_backbone(model_name)
+    start = time.perf_counter()
+    fitted = inverter(model_name, cut, aux_task, aux_examples, max_length)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        observed = ActivationNoise(noise).apply(backbone.client_forward(ids, mask, cut), mask)
+    result = learned_inversion(fitted, lambda i, m: backbone.client_forward(i, m, cut),
+                               backbone.model.get_input_embeddings(), observed, mask)  # fmt: skip
+    return {**token_scores(result.tokens, ids, mask), "relative_error": result.relative_error,
+            "seconds": time.perf_counter() - start, "attack": "learned", "steps": 0}  # fmt: skip
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -96,10 +128,12 @@ def plot(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for task, cut in dict.fromkeys((r["task"], r["cut"]) for r in rows if r["model"] == model):
-            sel = sorted((r for r in rows if (r["model"], r["task"], r["cut"]) == (model, task, cut)),
-                         key=lambda r: r["noise"])  # fmt: skip
-            ax.plot([r["noise"] for r in sel], [r["recall"] for r in sel], "o-", label=f"{task}, cut {cut}")
+        for task, cut, learned in dict.fromkeys((r["task"], r["cut"], r["attack"] == "learned") for r in rows
+                                                if r["model"] == model):  # fmt: skip
+            sel = sorted((r for r in rows if (r["model"], r["task"], r["cut"], r["attack"] == "learned") ==
+                          (model, task, cut, learned)), key=lambda r: r["noise"])  # fmt: skip
+            ax.plot([r["noise"] for r in sel], [r["recall"] for r in sel], "s--" if learned else "o-",
+                    label=f"{task}, cut {cut}" + (", learned inverter" if learned else ", white-box"))  # fmt: skip
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("activation noise (× rms(h))")
         ax.set_ylabel("token recall of the inversion (AP)")
@@ -119,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--modes", nargs="+", default=None, help="attack modes (default: the one that works per model)")
     p.add_argument("--examples", type=int, default=4)
     p.add_argument("--max_length", type=int, default=24)
+    p.add_argument("--no-learned", dest="learned", action="store_false", help="skip the learned inverter")
+    p.add_argument("--aux-task", default="cola", help="public auxiliary text of the learned inverter (its train split)")
+    p.add_argument("--aux-examples", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -136,9 +173,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         rows.append(row)
                         print(f"{model_name} {task} cut {cut} noise {noise} {mode}: recall {row['recall']:.3f} "
                               f"rouge-L {row['rouge_l']:.3f} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+                if not args.learned:
+                    continue
+                for noise in args.noise:
+                    cell = learned_cell(model_name, ids, mask, cut, noise, args.seed, args.aux_task, args.aux_examples,
+                                        args.max_length)  # fmt: skip
+                    rows.append({"model": model_name, "task": task, "cut": cut, "noise": noise, **cell})
+                    print(f"{model_name} {task} cut {cut} noise {noise} learned: recall {cell['recall']:.3f}",
+                          flush=True)  # fmt: skip
     report = {
         "settings": {"examples": args.examples, "max_length": args.max_length, "seed": args.seed,
-                     "attack_settings": SETTINGS, "labels_disclosed_two_part_split": 1.0},
+                     "attack_settings": SETTINGS, "labels_disclosed_two_part_split": 1.0,
+                     "aux_task": args.aux_task if args.learned else None, "aux_examples": args.aux_examples},
         "machine": machine_info(),
         "rows": rows,
     }  # fmt: skip

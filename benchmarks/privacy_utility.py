@@ -8,8 +8,9 @@ test split scored) and attacked:
   rate, with the defence as YAML options (``model.activation_noise``, ``model.dp_sgd``, ``model.split_shape``,
   ``model.gradient_sparsity``, ``model.cut_layer``); per-task test accuracy, mean ± std over seeds. Runs are cached
   in ``<out>/privacy_runs/<defence>/seed<S>/`` (a finished run is skipped, a killed one resumes).
-* **text attack (AP)** — the white-box inversion of ``benchmarks/privacy.py`` on real test sentences of each task
-  at the defence's cut and activation noise (token recall = AP). DP-SGD and the label defences do not change what
+* **text attack (AP)** — the two inversions of ``benchmarks/privacy.py`` on real test sentences of each task at the
+  defence's cut and activation noise: white-box activation matching and the learned inverter (ridge regression fit
+  on 300 public cola sentences); AP = the larger token recall. DP-SGD and the label defences do not change what
   the activations carry, so their AP is the undefended one at their cut: a defence is scored by what it hides.
 * **label attack (AP)** — the two-part split sends every label (AP 1.0); the U-shaped split's returned gradients are
   scored by ``benchmarks/label_leakage.py`` on real sst2 batches (direction-scoring AUC; AP = 2·AUC − 1, the
@@ -189,22 +190,31 @@ def calibrate_clip(cut: int, proxy: str, steps: int, seed: int) -> float:
     return float(statistics.median(norms))
 
 
-def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, settings: dict) -> dict[str, float]:
-    """Inversion token recall per task at ``cut`` / ``noise`` (cached rows, else run ``privacy.attack_cell``)."""
-    out = {}
-    for task in tasks:
-        hit = next((r for r in cache if (r["model"], r["task"], r["cut"], r["noise"]) == (MODEL, task, cut, noise)),
-                   None)  # fmt: skip
-        if hit is None:
-            import privacy
+def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, settings: dict) -> dict[str, dict]:
+    """Token recall per task and attack (``whitebox``, ``learned``) at ``cut`` / ``noise``: cached rows, else run
+    ``privacy.attack_cell`` / ``privacy.learned_cell`` (the same noise draw)."""
+    import privacy
 
-            backbone, tokenizer = privacy.attack_backbone(MODEL)
-            ids, mask = privacy.encode(tokenizer, task, settings["examples"], settings["max_length"])
-            cell = privacy.attack_cell(backbone, ids, mask, cut, noise, privacy.MODES[MODEL], settings["seed"])
-            hit = {"model": MODEL, "task": task, "cut": cut, "noise": noise, **cell}
-            cache.append(hit)
-            print(f"inversion {task} cut {cut} noise {noise:g}: recall {hit['recall']:.3f}", flush=True)
-        out[task] = float(hit["recall"])
+    out: dict[str, dict] = {}
+    for task in tasks:
+        out[task] = {}
+        for attack in ("whitebox", "learned"):
+            key = (MODEL, task, cut, noise, attack)
+            hit = next((r for r in cache if (r["model"], r["task"], r["cut"], r["noise"],
+                                             "learned" if r.get("attack") == "learned" else "whitebox") == key),
+                       None)  # fmt: skip
+            if hit is None:
+                backbone, tokenizer = privacy.attack_backbone(MODEL)
+                ids, mask = privacy.encode(tokenizer, task, settings["examples"], settings["max_length"])
+                if attack == "whitebox":
+                    cell = privacy.attack_cell(backbone, ids, mask, cut, noise, privacy.MODES[MODEL], settings["seed"])
+                else:
+                    cell = privacy.learned_cell(MODEL, ids, mask, cut, noise, settings["seed"], settings["aux_task"],
+                                                settings["aux_examples"], settings["max_length"])  # fmt: skip
+                hit = {"model": MODEL, "task": task, "cut": cut, "noise": noise, **cell}
+                cache.append(hit)
+                print(f"{attack} inversion {task} cut {cut} noise {noise:g}: recall {hit['recall']:.3f}", flush=True)
+            out[task][attack] = float(hit["recall"])
     return out
 
 
@@ -263,8 +273,10 @@ def summarize(runs: dict[str, list[dict]], attacks: dict[str, dict], tasks: list
         for t in tasks:
             m, s = mean_std([r[f"acc_{t}"] for r in done])
             row[f"mp_{t}"], row[f"mp_std_{t}"], row[f"mp_drop_{t}"] = m, s, mp0[t] - m
-            row[f"ap_text_{t}"] = att["text"][t]
-            row[f"dcs_text_{t}"] = dcs(att["text"][t], m, mp0[t])
+            ap = max(att["text"][t].values())  # the stronger inversion
+            row[f"ap_text_{t}"] = ap
+            row[f"ap_whitebox_{t}"], row[f"ap_learned_{t}"] = att["text"][t]["whitebox"], att["text"][t]["learned"]
+            row[f"dcs_text_{t}"] = dcs(ap, m, mp0[t])
         lt = att["label_task"]
         row["ap_label"] = att["label_ap"]
         row["label_direction_auc"] = att.get("direction_auc")
@@ -364,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out = args.out.resolve()
     previous = args.out / "privacy_utility.json"
     old = json.loads(previous.read_text()) if previous.exists() else {}
-    settings = {"examples": args.examples, "max_length": 24, "seed": 0, "label_task": "sst2", "label_batch": 32,
+    settings = {"examples": args.examples, "max_length": 24, "seed": 0, "aux_task": "cola", "aux_examples": 300,
+                "label_task": "sst2", "label_batch": 32,
                 "label_batches": 4, "label_max_length": 48, "rounds": args.rounds, "proxy": args.proxy,
                 "calibration_steps": args.calibration_steps,
                 "lr": float(compare.load_yaml(ROOT / BASE_CONFIG)["model"]["learning_rate"])}  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_pl.attacks import invert_activations, token_scores
+from atlas_pl.attacks import LearnedInverter, invert_activations, learned_inversion, token_scores
 from atlas_pl.federation import Federation
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.models import load_model
@@ -73,6 +73,42 @@ def test_calibrated_noise_brings_the_attack_near_chance_and_weak_noise_does_not(
     strong = token_scores(_attack(backbone, ActivationNoise(3.0).apply(hidden, mask), mask), ids, mask)
     assert weak["recall"] >= 0.9, weak
     assert strong["recall"] <= 0.1, strong  # chance: a few hits among 5,000 tokens
+
+
+def _inverter(backbone: SplitBackbone) -> LearnedInverter:
+    """Fit on 400 auxiliary sequences: other token ids than the victim's (the server's public text)."""
+    aux = torch.randint(0, 5000, (400, 12), generator=torch.Generator().manual_seed(7))
+    return LearnedInverter.fit(lambda i, m: backbone.client_forward(i, m, 1), backbone.model.get_input_embeddings(),
+                               aux, torch.ones_like(aux))  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "mode"), [("gpt2-tiny", "embedding"), ("llama-tiny", "embedding"),
+                                             ("bert-tiny", "relaxed")])  # fmt: skip
+def test_the_learned_inverter_reads_most_tokens_at_once_and_refinement_the_rest(model: str, mode: str) -> None:
+    backbone, ids, mask, hidden = _victim(model)
+    embedding = backbone.model.get_input_embeddings()
+    inverter = _inverter(backbone)
+    forward = lambda i, m: backbone.client_forward(i, m, 1)  # noqa: E731
+    alone = learned_inversion(inverter, forward, embedding, hidden, mask)
+    assert alone.steps == 0 and token_scores(alone.tokens, ids, mask)["recall"] >= 0.7  # no optimisation at all
+    refined = learned_inversion(inverter, forward, embedding, hidden, mask, refine_steps=50, mode=mode,  # type: ignore[arg-type]
+                                lr=0.05 if mode == "embedding" else 0.3)  # fmt: skip
+    assert token_scores(refined.tokens, ids, mask)["recall"] >= 0.9  # 50 steps from its reading, 250 from noise
+
+
+def test_calibrated_noise_also_defeats_the_learned_inverter() -> None:
+    backbone, ids, mask, hidden = _victim("gpt2-tiny")
+    torch.manual_seed(2)
+    noisy = ActivationNoise(3.0).apply(hidden, mask)
+    tokens = _inverter(backbone).predict(noisy, backbone.model.get_input_embeddings())
+    assert token_scores(tokens, ids, mask)["recall"] <= 0.1
+
+
+def test_init_tokens_must_match_the_mask() -> None:
+    backbone, ids, mask, hidden = _victim("gpt2-tiny")
+    with pytest.raises(ValueError, match="init_tokens"):
+        invert_activations(lambda i, m: backbone.client_forward(i, m, 1), backbone.model.get_input_embeddings(),
+                           hidden, mask, steps=1, init_tokens=ids[:, :3])  # fmt: skip
 
 
 def test_token_scores_on_a_hand_example() -> None:

@@ -51,8 +51,10 @@ def test_the_report_scores_finished_runs_with_cached_attack_cells(tmp_path) -> N
         _finished_run(tmp_path, "noise_3", seed, {"sst2": 0.70 + shift, "ag_news": 0.80 + shift})
         _finished_run(tmp_path, "dp_1", seed, {"sst2": 0.79, "ag_news": 0.84}, epsilon=3.0 + seed)
         _finished_run(tmp_path, "label_dp_1", seed, {"sst2": 0.78, "ag_news": 0.80})
-    text = [{"model": pu.MODEL, "task": t, "cut": 1, "noise": n, "recall": r}
+    text = [{"model": pu.MODEL, "task": t, "cut": 1, "noise": n, "recall": r, "attack": "relaxed"}
             for t in ("sst2", "ag_news") for n, r in ((0.0, 0.95), (3.0, 0.1))]  # fmt: skip
+    text += [{"model": pu.MODEL, "task": t, "cut": 1, "noise": n, "recall": r, "attack": "learned"}
+             for t in ("sst2", "ag_news") for n, r in ((0.0, 0.9), (3.0, 0.3))]  # fmt: skip
     labels = [{"model": pu.MODEL, "task": "sst2", "cut": 1, "keep": 1.0, "label_dp_epsilon": 1.0, "norm_auc": 0.6,
                "direction_auc": 0.7, "sent_label_auc": 0.75}]  # fmt: skip
     settings = {"examples": 4, "proxy": "mr", "calibration_steps": 8, "clip": {"1": 1e-5}}
@@ -63,7 +65,8 @@ def test_the_report_scores_finished_runs_with_cached_attack_cells(tmp_path) -> N
     rows = {r["defence"]: r for r in report["rows"]}
     assert rows["none"]["mp_sst2"] == pytest.approx(0.81) and rows["none"]["mp_drop_sst2"] == pytest.approx(0.0)
     assert rows["noise_3"]["mp_drop_ag_news"] == pytest.approx(0.05)
-    assert rows["noise_3"]["dcs_text_sst2"] == pytest.approx(pu.dcs(0.1, 0.71, 0.81))
+    assert rows["noise_3"]["ap_text_sst2"] == 0.3  # the learned inverter is the stronger attack there
+    assert rows["noise_3"]["dcs_text_sst2"] == pytest.approx(pu.dcs(0.3, 0.71, 0.81))
     assert rows["dp_1"]["ap_text_sst2"] == 0.95 and rows["dp_1"]["dp_epsilon"] == 4.0  # the worst seed's ε
     assert rows["none"]["ap_label"] == 1.0  # the two-part server receives the labels
     assert rows["label_dp_1"]["ap_label"] == pytest.approx(0.5)  # 2 · 0.75 − 1: the noisy labels it receives

@@ -11,6 +11,12 @@ embeddings, masks, blocks ``[0, cut)``) is the model's own. Where the embedding 
 position embeddings (BERT's LayerNorm), many free embeddings give the same ``h`` and the nearest token is not the
 input's: use the ``relaxed`` mode there (``tests/attacks/test_inversion.py`` shows both).
 
+The **learned inverter** (:class:`LearnedInverter`) needs no optimisation per observation: the server feeds public
+auxiliary text (a few hundred sentences of another task) through the client half it knows and fits a ridge
+regression from each position's activation to that position's input token embedding; an observed ``h`` is read by the
+nearest token embedding of the regression's output. Its tokens can then seed the white-box attack (``init_tokens``),
+which refines them by activation matching (:func:`learned_inversion`).
+
 Scores (:func:`token_scores`): token recall (the attack's success, AP: the share of the true sequence's distinct
 tokens that the attack recovered), token precision, exact position accuracy and ROUGE-L F1 over token ids.
 """
@@ -47,6 +53,7 @@ def invert_activations(
     lr: float = 0.1,
     temperature: float = 1.0,
     seed: int = 0,
+    init_tokens: torch.Tensor | None = None,
 ) -> InversionResult:
     """Recover the tokens behind observed cut activations by matching the client forward (white-box).
 
@@ -62,6 +69,8 @@ def invert_activations(
         lr: Adam learning rate.
         temperature: Softmax temperature of the relaxed mode.
         seed: Seed of the dummy's initialisation.
+        init_tokens: ``[B, T]`` token ids to start from instead of noise (e.g. a :class:`LearnedInverter`'s reading):
+            their embeddings (``embedding`` mode) or logits peaked on them (``relaxed`` mode).
 
     Raises:
         ValueError: ``mode`` unknown, or ``observed`` and ``attention_mask`` of different batch or length.
@@ -78,7 +87,17 @@ def invert_activations(
         init = torch.randn(batch, length, weight.shape[1], generator=gen) * weight.std()
     else:
         init = torch.randn(batch, length, weight.shape[0], generator=gen) * 0.01
-    dummy = init.to(device=weight.device, dtype=weight.dtype).requires_grad_(True)
+    init = init.to(device=weight.device, dtype=weight.dtype)
+    if init_tokens is not None:
+        if init_tokens.shape != attention_mask.shape:
+            raise ValueError(f"`init_tokens` {tuple(init_tokens.shape)} must have the shape of `attention_mask` "
+                             f"{tuple(attention_mask.shape)}")  # fmt: skip
+        start = init_tokens.to(weight.device)
+        if mode == "embedding":
+            init = weight[start].clone()
+        else:
+            init = init + 5.0 * torch.nn.functional.one_hot(start, weight.shape[0]).to(init.dtype)
+    dummy = init.requires_grad_(True)
     target = observed.detach().to(weight.dtype)
     keep = attention_mask.unsqueeze(-1).to(target.dtype)
 
@@ -110,6 +129,87 @@ def invert_activations(
         else:
             tokens = dummy.detach().argmax(dim=-1)
     return InversionResult(tokens.cpu(), error, steps)
+
+
+@dataclass
+class LearnedInverter:
+    """A ridge regression from cut activations to input token embeddings, fit on public auxiliary text.
+
+    Attributes:
+        weight: ``[d_h + 1, d_e]`` (the last row is the bias).
+    """
+
+    weight: torch.Tensor
+
+    @classmethod
+    def fit(
+        cls,
+        client_forward: ClientForward,
+        embedding: nn.Embedding,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        ridge: float = 1e-2,
+        batch_size: int = 32,
+    ) -> LearnedInverter:
+        """Fit on auxiliary sequences ``input_ids`` ``[N, T]`` run through the known client half (real tokens only).
+
+        Args:
+            client_forward: The client half the server believes the client runs.
+            embedding: The model's input token embedding (the regression's target and read-out dictionary).
+            input_ids: Auxiliary token ids (public text of another task).
+            attention_mask: Their mask.
+            ridge: L2 penalty, relative to the mean squared activation.
+            batch_size: Sequences per forward.
+        """
+        xs, ys = [], []
+        with torch.no_grad():
+            for i in range(0, input_ids.shape[0], batch_size):
+                ids, mask = input_ids[i : i + batch_size], attention_mask[i : i + batch_size]
+                hidden = client_forward(ids, mask)
+                keep = mask.bool()
+                xs.append(hidden[keep].double())
+                ys.append(embedding.weight[ids[keep]].double())
+        x, y = torch.cat(xs), torch.cat(ys)
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        penalty = ridge * float(x.pow(2).mean()) * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        weight = torch.linalg.solve(x.T @ x + penalty, x.T @ y)
+        return cls(weight.to(embedding.weight.dtype))
+
+    def predict(self, observed: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        """Token ids ``[B, T]``: the nearest token embedding to each position's regressed embedding."""
+        with torch.no_grad():
+            flat = observed.reshape(-1, observed.shape[-1]).to(self.weight.dtype)
+            flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)], dim=1)
+            guess = flat @ self.weight.to(flat.device)
+            tokens = torch.cdist(guess, embedding.weight.detach().to(guess.dtype)).argmin(dim=1)
+        return tokens.view(observed.shape[:-1]).cpu()
+
+
+def learned_inversion(
+    inverter: LearnedInverter,
+    client_forward: ClientForward,
+    embedding: nn.Embedding,
+    observed: torch.Tensor,
+    attention_mask: torch.Tensor,
+    refine_steps: int = 0,
+    mode: Mode = "embedding",
+    lr: float = 0.05,
+    seed: int = 0,
+) -> InversionResult:
+    """The learned inverter's reading of ``observed``, refined by ``refine_steps`` of activation matching.
+
+    With ``refine_steps = 0`` no optimisation runs (``relative_error`` is that of the read tokens' activations).
+    """
+    tokens = inverter.predict(observed, embedding)
+    if refine_steps > 0:
+        return invert_activations(client_forward, embedding, observed, attention_mask, mode=mode, steps=refine_steps,
+                                  lr=lr, seed=seed, init_tokens=tokens)  # fmt: skip
+    with torch.no_grad():
+        keep = attention_mask.unsqueeze(-1).to(observed.dtype)
+        diff = (client_forward(tokens.to(attention_mask.device), attention_mask) - observed).pow(2)
+        weight_t = keep / observed.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        error = float((diff * weight_t).sum() / (float(keep.sum()) or 1.0)) ** 0.5
+    return InversionResult(tokens, error, 0)
 
 
 def _lcs(a: list[int], b: list[int]) -> int:
