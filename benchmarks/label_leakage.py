@@ -108,10 +108,20 @@ def leakage_cell(split: SplitBackbone, tokenizer: Any, task: str, keep: float, b
         split_forward_backward(split, channel, step, "c", "s")
         scores.append(label_leakage(channel.received, torch.tensor(truth[sl])))
         nbytes += channel.stats.head_gradients_up
-    sent = roc_auc_score(truth, labels) if label_dp_epsilon is not None else 1.0
+    sent = sent_label_auc(task, batch * batches, label_dp_epsilon)
     return {"norm_auc": sum(s["norm_auc"] for s in scores) / len(scores),
             "direction_auc": sum(s["direction_auc"] for s in scores) / len(scores),
-            "bytes_per_batch": nbytes / batches, "sent_label_auc": float(max(sent, 1 - sent))}  # fmt: skip
+            "bytes_per_batch": nbytes / batches, "sent_label_auc": sent}  # fmt: skip
+
+
+def sent_label_auc(task: str, n: int, label_dp_epsilon: float | None) -> float:
+    """Folded AUC of the labels a two-part server receives against the true ones (1.0 without label DP), on the same
+    ``n`` examples and randomized-response draw as :func:`leakage_cell`."""
+    _, truth = examples(task, n)
+    if label_dp_epsilon is None:
+        return 1.0
+    auc = roc_auc_score(truth, randomized_response(np.asarray(truth), 2, label_dp_epsilon, seed=0))
+    return float(max(auc, 1 - auc))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -50,9 +50,13 @@ from outputs import machine_info, save_png, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "benchmarks" / "README.md"
-BEGIN, END = "<!-- privacy:begin -->", "<!-- privacy:end -->"
-MODEL = "minilm-offline"
-BASE_CONFIG = "configs/minilm.yaml"
+WORKLOADS = {  # --model -> (model name, base config, folder of its runs under <out>/privacy_runs, output stem)
+    "minilm": ("minilm-offline", "configs/minilm.yaml", "", "privacy_utility"),
+    "smollm2": ("smollm2-offline", "configs/smollm2.yaml", "smollm2", "privacy_utility_smollm2"),
+}
+MODEL = "minilm-offline"  # the default workload's model
+SMOLLM2_DEFENCES = ["none", "noise_1", "noise_3", "dp_1", "label_dp_1"]
+MODEL_TITLES = {"minilm-offline": "all-MiniLM-L6-v2", "smollm2-offline": "SmolLM2-135M-Instruct"}
 
 # name -> (label, cut, model options; "CALIBRATED" is replaced by the measured clip norm at that cut)
 DEFENCES: dict[str, tuple[str, int, dict[str, Any]]] = {
@@ -101,9 +105,10 @@ def keep_of(options: dict[str, Any]) -> float:
 def build_run(name: str, seed: int, args: argparse.Namespace, clip: dict[int, float]) -> dict[str, Any]:
     """The fit + test commands and overlay of one defence × seed (nothing is executed)."""
     cut, options = config_of(name, clip)
-    folder = args.out / "privacy_runs" / name / f"seed{seed}"
+    model, config, sub, _ = WORKLOADS[args.model]
+    folder = args.out / "privacy_runs" / sub / name / f"seed{seed}"
     rel = os.path.relpath(folder, ROOT)
-    base = compare.load_yaml(ROOT / BASE_CONFIG)
+    base = compare.load_yaml(ROOT / config)
     callbacks = [c for c in base["trainer"]["callbacks"] if "Checkpoint" not in c["class_path"]]
     checkpoint = {"class_path": "atlas_pl.callbacks.RoundCheckpoint", "init_args": {"dirpath": f"{rel}/checkpoints"}}
     callbacks.append(checkpoint)
@@ -128,10 +133,10 @@ def build_run(name: str, seed: int, args: argparse.Namespace, clip: dict[int, fl
             },  # fmt: skip
         },
     }
-    common = ["--config", BASE_CONFIG, "--config", f"{rel}/overlay.yaml", "--seed_everything", str(seed),
+    common = ["--config", config, "--config", f"{rel}/overlay.yaml", "--seed_everything", str(seed),
               "--data.seed", str(seed)]  # fmt: skip
-    return {"workload": "privacy", "method": name, "lr": float(base["model"]["learning_rate"]), "seed": seed,
-            "folder": folder, "overlay": overlay, "cmd": [compare.ATLAS_PL, "fit", *common],
+    return {"workload": f"privacy-{args.model}", "method": name, "lr": float(base["model"]["learning_rate"]),
+            "seed": seed, "folder": folder, "overlay": overlay, "cmd": [compare.ATLAS_PL, "fit", *common],
             "test_cmd": [compare.ATLAS_PL, "test", *common, "--ckpt_path", f"{rel}/checkpoints/last.ckpt"]}  # fmt: skip
 
 
@@ -148,28 +153,35 @@ def parse_run(folder: Path, tasks: list[str]) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------------- attacks
-def calibrate_clip(cut: int, proxy: str, steps: int, seed: int) -> float:
-    """Median per-example gradient norm of a client adapter at ``cut`` after ``steps`` plain steps on ``proxy``."""
+def calibrate_clip(workload: str, cut: int, proxy: str, steps: int, seed: int) -> float:
+    """Median per-example gradient norm of a client adapter at ``cut`` after ``steps`` plain split steps on the
+    public ``proxy`` task (batches built by the workload's own datamodule settings)."""
     import torch
 
     from atlas_pl.algorithms import DPSGD
-    from atlas_pl.data.tokenizers import load_tokenizer
+    from atlas_pl.data import FederatedDataModule
+    from atlas_pl.data.client_data import sample_client_batches
     from atlas_pl.lora.adapters import LoraSpec
     from atlas_pl.models import load_model
     from atlas_pl.split.backbone import SplitBackbone
     from atlas_pl.split.channel import InProcessChannel
     from atlas_pl.split.step import split_forward_backward
 
-    cfg = compare.load_yaml(ROOT / BASE_CONFIG)["model"]
+    model, config, _, _ = WORKLOADS[workload]
+    cfg = compare.load_yaml(ROOT / config)
+    data = {**cfg["data"], "tasks": [proxy], "num_clients": 1, "data_dir": str(ROOT.parent / "shared" / "data")}
+    data.pop("max_eval_examples_per_client", None)
+    dm = FederatedDataModule(**data)
+    dm.setup()
+    fmt = data.get("task_format", "causal_lm")
     torch.manual_seed(seed)
-    split = SplitBackbone(load_model(MODEL, "classification", 2, {}, "float32").train(), cut, LoraSpec(**cfg["lora"]))
+    split = SplitBackbone(load_model(model, fmt, 2, {}, "float32").train(), cut, LoraSpec(**cfg["model"]["lora"]))
+    if fmt == "classification":
+        split.configure_tasks([t.num_labels for t in dm.tasks])
     split.add_client_adapter("c")
     split.add_server_adapter("s")
-    tokenizer = load_tokenizer(MODEL)
-    path = compare.ROOT.parent / "shared" / "data" / proxy / "train.jsonl"
-    with path.open() as f:
-        rows = [json.loads(line) for _, line in zip(range(16 * (steps + 1)), f)]
-    opt = torch.optim.AdamW([*split.bank.parameters("c"), *split.server_parameters("s")], lr=cfg["learning_rate"])
+    opt = torch.optim.AdamW([*split.bank.parameters("c"), *split.server_parameters("s")],
+                            lr=cfg["model"]["learning_rate"])  # fmt: skip
     norms: list[float] = []
     params = split.bank.parameters("c")
     probe = DPSGD(noise_multiplier=0.0, clip_norm=1e30)
@@ -177,12 +189,10 @@ def calibrate_clip(cut: int, proxy: str, steps: int, seed: int) -> float:
     def measure(hidden: torch.Tensor, grad: torch.Tensor) -> None:
         norms.extend(probe.backward(hidden, grad, params).tolist())
 
-    for step in range(steps + 1):
-        chunk = rows[16 * step : 16 * (step + 1)]
-        enc = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        batch = {**enc, "labels": torch.tensor([int(r["label"]) for r in chunk])}
+    batches = sample_client_batches(dm, 0, steps + 1, seed)
+    for step, batch in enumerate(batches):
         opt.zero_grad(set_to_none=True)
-        if step < steps:
+        if step < len(batches) - 1:
             split_forward_backward(split, InProcessChannel(), batch, "c", "s")
             opt.step()
         else:
@@ -199,19 +209,20 @@ def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, set
     for task in tasks:
         out[task] = {}
         for attack in ("whitebox", "learned"):
-            key = (MODEL, task, cut, noise, attack)
+            key = (settings["model_name"], task, cut, noise, attack)
             hit = next((r for r in cache if (r["model"], r["task"], r["cut"], r["noise"],
                                              "learned" if r.get("attack") == "learned" else "whitebox") == key),
                        None)  # fmt: skip
             if hit is None:
-                backbone, tokenizer = privacy.attack_backbone(MODEL)
+                model = settings["model_name"]
+                backbone, tokenizer = privacy.attack_backbone(model)
                 ids, mask = privacy.encode(tokenizer, task, settings["examples"], settings["max_length"])
                 if attack == "whitebox":
-                    cell = privacy.attack_cell(backbone, ids, mask, cut, noise, privacy.MODES[MODEL], settings["seed"])
+                    cell = privacy.attack_cell(backbone, ids, mask, cut, noise, privacy.MODES[model], settings["seed"])
                 else:
-                    cell = privacy.learned_cell(MODEL, ids, mask, cut, noise, settings["seed"], settings["aux_task"],
+                    cell = privacy.learned_cell(model, ids, mask, cut, noise, settings["seed"], settings["aux_task"],
                                                 settings["aux_examples"], settings["max_length"])  # fmt: skip
-                hit = {"model": MODEL, "task": task, "cut": cut, "noise": noise, **cell}
+                hit = {"model": model, "task": task, "cut": cut, "noise": noise, **cell}
                 cache.append(hit)
                 print(f"{attack} inversion {task} cut {cut} noise {noise:g}: recall {hit['recall']:.3f}", flush=True)
             out[task][attack] = float(hit["recall"])
@@ -220,21 +231,30 @@ def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, set
 
 def label_attack(cache: list[dict], keep: float, settings: dict, epsilon: float | None = None) -> dict[str, float]:
     """Direction / norm AUC of the U-shaped label attack on the label task at ``keep`` and label-DP ``epsilon``
-    (cached, else measured), and the AUC of the labels a two-part server receives."""
-    task = settings["label_task"]
+    (cached, else measured), and the AUC of the labels a two-part server receives. A model that
+    ``label_leakage.py`` does not split U-shaped (a causal LM) gets the received labels' AUC only."""
+    import label_leakage
+
+    task, model = settings["label_task"], settings["model_name"]
     hit = next((r for r in cache if (r["model"], r["task"], r["keep"], r.get("label_dp_epsilon")) ==
-                (MODEL, task, keep, epsilon)), None)  # fmt: skip
+                (model, task, keep, epsilon)), None)  # fmt: skip
     if hit is None:
-        import label_leakage
         from atlas_pl.data.tokenizers import load_tokenizer
 
-        split = label_leakage.u_shaped_split(MODEL, 1, settings["seed"])
-        cell = label_leakage.leakage_cell(split, load_tokenizer(MODEL), task, keep, settings["label_batch"],
-                                          settings["label_batches"], settings["label_max_length"], epsilon)  # fmt: skip
-        hit = {"model": MODEL, "task": task, "cut": 1, "keep": keep, "label_dp_epsilon": epsilon, **cell}
+        n = settings["label_batch"] * settings["label_batches"]
+        if model in label_leakage.TASK_FORMAT:
+            split = label_leakage.u_shaped_split(model, 1, settings["seed"])
+            cell = label_leakage.leakage_cell(split, load_tokenizer(model), task, keep, settings["label_batch"],
+                                              settings["label_batches"], settings["label_max_length"],
+                                              epsilon)  # fmt: skip
+        else:
+            cell = {"norm_auc": None, "direction_auc": None, "sent_label_auc": label_leakage.sent_label_auc(
+                task, n, epsilon)}  # fmt: skip
+        hit = {"model": model, "task": task, "cut": 1, "keep": keep, "label_dp_epsilon": epsilon, **cell}
         cache.append(hit)
-        print(f"label attack {task} keep {keep:g}: direction AUC {hit['direction_auc']:.3f}", flush=True)
-    return {"direction_auc": float(hit["direction_auc"]), "norm_auc": float(hit["norm_auc"]),
+        print(f"label attack {task} keep {keep:g} ε {epsilon}: direction AUC {hit['direction_auc']}, received "
+              f"labels AUC {hit['sent_label_auc']:.3f}", flush=True)  # fmt: skip
+    return {"direction_auc": hit["direction_auc"], "norm_auc": hit["norm_auc"],
             "sent_label_auc": float(hit.get("sent_label_auc", 1.0))}  # fmt: skip
 
 
@@ -304,7 +324,7 @@ def markdown(rows: list[dict], tasks: list[str], settings: dict, command: str) -
         lines.append("| " + " | ".join(cells) + " |")
     seeds = max(r["seeds"] for r in rows)
     return (
-        f"`{command}` — all-MiniLM-L6-v2, {len(tasks) * 2} clients ({', '.join(tasks)}, 2 each), "
+        f"`{command}` — {MODEL_TITLES[settings['model_name']]}, {len(tasks) * 2} clients ({', '.join(tasks)}, 2 each), "
         f"{settings['rounds']} FedAvg rounds, lr {settings['lr']:g}, {seeds} seeds (test split, mean ± std); "
         f"inversion on {settings['examples']} test sentences per task; label attack on {settings['label_batches']} "
         f"{lt} batches of {settings['label_batch']}; DP-SGD clip norm = median per-example norm on "
@@ -345,20 +365,23 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     save_png(fig, path)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, workload: str) -> None:
+    begin, end = f"<!-- privacy-{workload}:begin -->", f"<!-- privacy-{workload}:end -->"
     doc = README.read_text()
-    if BEGIN in doc and END in doc:
-        pre, rest = doc.split(BEGIN, 1)
-        doc = pre + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    if begin in doc and end in doc:
+        pre, rest = doc.split(begin, 1)
+        doc = pre + begin + "\n" + text + end + rest.split(end, 1)[1]
     else:
-        doc = doc.rstrip() + f"\n\n## Privacy–utility\n\n{BEGIN}\n{text}{END}\n"
+        doc = doc.rstrip() + f"\n\n### Privacy–utility, {workload}\n\n{begin}\n{text}{end}\n"
     atomic_write_text(README, doc)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
+    p.add_argument("--model", default="minilm", choices=list(WORKLOADS))
+    p.add_argument("--defences", nargs="+", default=None, choices=list(DEFENCES),
+                   help="default: all for minilm, a subset (SMOLLM2_DEFENCES) for smollm2")  # fmt: skip
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=3)
@@ -374,20 +397,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out = args.out.resolve()
-    previous = args.out / "privacy_utility.json"
+    default_defences = list(DEFENCES) if args.model == "minilm" else SMOLLM2_DEFENCES
+    args.defences = args.defences or default_defences
+    model, config, _, stem = WORKLOADS[args.model]
+    previous = args.out / f"{stem}.json"
     old = json.loads(previous.read_text()) if previous.exists() else {}
-    settings = {"examples": args.examples, "max_length": 24, "seed": 0, "aux_task": "cola", "aux_examples": 300,
-                "label_task": "sst2", "label_batch": 32,
-                "label_batches": 4, "label_max_length": 48, "rounds": args.rounds, "proxy": args.proxy,
+    settings = {"model_name": model, "examples": args.examples, "max_length": 24, "seed": 0, "aux_task": "cola",
+                "aux_examples": 300, "label_task": "sst2", "label_batch": 32, "label_batches": 4,
+                "label_max_length": 48, "rounds": args.rounds, "proxy": args.proxy,
                 "calibration_steps": args.calibration_steps,
-                "lr": float(compare.load_yaml(ROOT / BASE_CONFIG)["model"]["learning_rate"])}  # fmt: skip
+                "lr": float(compare.load_yaml(ROOT / config)["model"]["learning_rate"])}  # fmt: skip
     cuts = sorted({DEFENCES[d][1] for d in args.defences if "dp_sgd" in DEFENCES[d][2]})
     same = old.get("settings", {}).get("proxy") == args.proxy and old.get("settings", {}).get(
         "calibration_steps") == args.calibration_steps  # fmt: skip
     clip = {int(c): float(v) for c, v in (old.get("settings", {}).get("clip", {}) if same else {}).items()}
     for cut in cuts:
         if cut not in clip and not args.report_only:
-            clip[cut] = calibrate_clip(cut, args.proxy, args.calibration_steps, 0)
+            clip[cut] = calibrate_clip(args.model, cut, args.proxy, args.calibration_steps, 0)
             print(f"DP-SGD clip norm at cut {cut}: {clip[cut]:.3g} (median per-example norm on {args.proxy})")
     settings["clip"] = clip
     torch_threads = max(1, min(4, os.cpu_count() or 1))
@@ -403,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.setdefault(r["method"], []).append(parse_run(r["folder"], args.tasks))  # type: ignore[arg-type]
     # attacks: cached cells of an earlier report of this script, of privacy.py and of label_leakage.py
     text_cache = [r for r in old.get("text_attacks", []) if old.get("settings", {}).get("examples") == args.examples]
-    text_cache += matching_rows(args.out / "privacy.json", settings, ["examples", "max_length", "seed"])
+    text_cache += [r for r in matching_rows(args.out / "privacy.json", settings, ["examples", "max_length", "seed"])
+                   if r.get("attack") != "learned" or r.get("aux_task", "cola") == settings["aux_task"]]  # fmt: skip
     label_cache = list(old.get("label_attacks", []))
     wanted = {"batch": settings["label_batch"], "batches": settings["label_batches"],
               "max_length": settings["label_max_length"], "seed": settings["seed"]}  # fmt: skip
@@ -419,24 +446,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epsilon = options.get("label_dp_epsilon")
         if options.get("split_shape") == "u_shaped" or epsilon is not None:
             scores = label_attack(label_cache, keep_of(options), settings, epsilon)
-            best = scores["direction_auc"] if options.get("split_shape") == "u_shaped" else scores["sent_label_auc"]
+            direction = scores["direction_auc"] if scores["direction_auc"] is not None else 0.5
+            best = direction if options.get("split_shape") == "u_shaped" else scores["sent_label_auc"]
             if epsilon is not None:  # the server reads the noisy labels (two-part) or the gradients: the better
-                best = max(scores["direction_auc"], scores["sent_label_auc"])
+                best = max(direction, scores["sent_label_auc"])
             entry.update(scores, label_ap=max(0.0, 2 * best - 1))
         attacks[name] = entry
     rows = summarize(runs, attacks, args.tasks)
     extra = [] if args.seeds == [0, 1, 2] else ["--seeds", *map(str, args.seeds)]
     extra += [] if args.rounds == 3 else ["--rounds", str(args.rounds)]
-    extra += [] if args.defences == list(DEFENCES) else ["--defences", *args.defences]
+    extra += [] if args.defences == default_defences else ["--defences", *args.defences]
+    extra = ([] if args.model == "minilm" else ["--model", args.model]) + extra
     command = " ".join(["python benchmarks/privacy_utility.py", *extra])
     report = {"settings": settings, "machine": machine_info(), "rows": rows,
-              "text_attacks": [r for r in text_cache if r["model"] == MODEL],
-              "label_attacks": [r for r in label_cache if r["model"] == MODEL]}  # fmt: skip
-    write_report(args.out, "privacy_utility", report, rows)
-    plot(rows, args.tasks, args.out / "privacy_utility.png")
+              "text_attacks": [r for r in text_cache if r["model"] == model],
+              "label_attacks": [r for r in label_cache if r["model"] == model]}  # fmt: skip
+    write_report(args.out, stem, report, rows)
+    plot(rows, args.tasks, args.out / f"{stem}.png")
     table = markdown(rows, args.tasks, settings, command)
     if args.out == (ROOT / "benchmarks" / "results").resolve():
-        write_readme(table)
+        write_readme(table, args.model)
     print(table)
     return report
 

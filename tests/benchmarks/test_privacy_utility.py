@@ -22,7 +22,7 @@ def test_dcs_is_the_method_descriptions_formula() -> None:
 
 
 def test_each_defence_becomes_yaml_options_of_the_run(tmp_path) -> None:
-    args = argparse.Namespace(out=tmp_path, tasks=["sst2", "ag_news"], rounds=2)
+    args = argparse.Namespace(out=tmp_path, tasks=["sst2", "ag_news"], rounds=2, model="minilm")
     clip = {1: 2.5e-5}
     dp = pu.build_run("dp_1", 0, args, clip)
     assert dp["overlay"]["model"]["dp_sgd"] == {"noise_multiplier": 1.0, "clip_norm": 2.5e-5}
