@@ -81,7 +81,7 @@ class SplitClient(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
 
     def client_optimizer(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.split.bank.parameters(self.client_adapter))
+        return self.make_optimizer(self.split.client_parameters(self.client_adapter))
 
     def server_optimizer(self) -> torch.optim.Optimizer:
         return self.make_optimizer(self.split.server_parameters(self.server_adapter))

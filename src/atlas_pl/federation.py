@@ -45,6 +45,7 @@ from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
 from atlas_pl.rng import rng_state, set_rng_state
 from atlas_pl.roster import ClientRoster, Share
 from atlas_pl.split.backbone import SHAPES, SplitBackbone, SplitShape
+from atlas_pl.split.bottleneck import BottleneckSpec
 from atlas_pl.split.channel import ActivationNoise, ChannelStats, Compression, GradientSparsity, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.signal import SignalKind, task_signal
@@ -99,6 +100,12 @@ class Federation(L.LightningModule):
             ``atlas_pl.algorithms.DPSGD``); each round logs ``privacy/dp_epsilon`` (the largest client ``ε`` so far,
             from ``dp_accounting``). It does not protect the cut activations (``activation_noise`` does). Default:
             none.
+        bottleneck: A privacy defence of the cut activations: a variational information bottleneck, learned noise
+            per hidden dimension trained with the penalty ``weight`` · (a bound on the information ``z`` carries about
+            ``h``) (``{weight: 0.1, init_scale: 0.3}``; see ``atlas_pl.split.bottleneck``); each round logs
+            ``privacy/bottleneck_scale`` (mean σ / rms(h); ``_min`` / ``_max`` over dimensions). One process only;
+            not with ``dp_sgd``.
+            Default: none.
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class Federation(L.LightningModule):
         split_shape: SplitShape = "two_part",
         gradient_sparsity: GradientSparsity | None = None,
         dp_sgd: DPSGD | None = None,
+        bottleneck: BottleneckSpec | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -133,6 +141,12 @@ class Federation(L.LightningModule):
         sparse = GradientSparsity(**gradient_sparsity) if isinstance(gradient_sparsity, dict) else gradient_sparsity
         sparse = sparse or GradientSparsity()
         dp = DPSGD(**dp_sgd) if isinstance(dp_sgd, dict) else dp_sgd
+        vib = BottleneckSpec(**bottleneck) if isinstance(bottleneck, dict) else bottleneck
+        if vib is not None and dp is not None:
+            raise ValueError(
+                "`bottleneck` and `dp_sgd` cannot be combined: DP-SGD clips the client adapter's per-example gradients "
+                "and the bottleneck's noise scales would escape its accounting. Fix: drop one of them."
+            )
         if sparse.keep < 1 and split_shape != "u_shaped":
             raise ValueError(
                 f"`gradient_sparsity` (keep {sparse.keep}) sparsifies the gradients a U-shaped client returns; with "
@@ -140,10 +154,11 @@ class Federation(L.LightningModule):
                 "for it to hide. Fix: set `model.split_shape: u_shaped`, or drop `model.gradient_sparsity`."
             )
         self.save_hyperparameters(ignore=["lora", "evaluation", "faults", "activation_noise", "gradient_sparsity",
-                                          "dp_sgd"])  # fmt: skip
+                                          "dp_sgd", "bottleneck"])  # fmt: skip
         self.hparams.update(lora=asdict(lora), evaluation=asdict(ev), faults=asdict(fault_spec),
                             activation_noise=asdict(noise), gradient_sparsity=asdict(sparse),
-                            dp_sgd=asdict(dp) if dp is not None else None)  # fmt: skip
+                            dp_sgd=asdict(dp) if dp is not None else None,
+                            bottleneck=asdict(vib) if vib is not None else None)  # fmt: skip
         self.dp_sgd = dp
         self.evaluation = ev
         self.faults = fault_spec
@@ -159,6 +174,8 @@ class Federation(L.LightningModule):
             raise ValueError(f"`split_shape` must be one of {SHAPES}, got {split_shape!r}")
         self.backbone = SplitBackbone(base, cut_layer, lora, pooling)
         self.backbone.shape = split_shape
+        if vib is not None:
+            self.backbone.enable_bottleneck(vib)
         self.channel = InProcessChannel(compression, noise, sparse)
         self.num_clients = num_clients
         self.roster = ClientRoster(self.backbone, num_clients, share)
@@ -314,6 +331,11 @@ class Federation(L.LightningModule):
             ValueError: Several processes under a strategy other than ``ClientParallelStrategy`` (DDP would average
                 gradients of different clients and demand equal shapes), or fewer clients than processes.
         """
+        if num_shards > 1 and self.backbone.bottleneck is not None:
+            raise ValueError(
+                "`model.bottleneck` runs in one process (its per-client noise scales are not gathered across shards); "
+                "fix: drop --trainer.strategy client_parallel / --trainer.devices, or drop the bottleneck"
+            )
         if num_shards > 1 and not isinstance(strategy, ClientParallelStrategy):
             raise ValueError(
                 f"a Federation over {num_shards} processes needs ClientParallelStrategy (each process trains its own "
@@ -499,7 +521,20 @@ class Federation(L.LightningModule):
         return merged
 
     def privacy_metrics(self) -> dict[str, float]:
-        """With ``dp_sgd``: the largest and the median client ``ε`` so far and the share of clipped examples."""
+        """Privacy figures of the round.
+
+        With ``dp_sgd``: the largest and the median client ``ε`` so far and the share of clipped examples; with a
+        ``bottleneck``: the participants' mean noise scale ``σ / rms(h)`` and its range over dimensions.
+        """
+        vib = self.backbone.bottleneck
+        if vib is not None:
+            names = sorted({self.clients[c].client_adapter for c in self.participants()} & set(vib.log_scale))
+            if not names:
+                return {}
+            scales = torch.stack([vib.scales(n) for n in names])
+            return {"privacy/bottleneck_scale": float(scales.mean()),
+                    "privacy/bottleneck_scale_min": float(scales.min()),
+                    "privacy/bottleneck_scale_max": float(scales.max())}  # fmt: skip
         if self.dp_sgd is None:
             return {}
         state = self.dp_state()
@@ -664,7 +699,8 @@ class Federation(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpointing
     def trainable_keys(self) -> set[str]:
-        return {k for k, _ in self.named_parameters() if "lora_" in k or k.startswith("backbone.heads.")}
+        return {k for k, _ in self.named_parameters()
+                if "lora_" in k or k.startswith(("backbone.heads.", "backbone.bottleneck."))}  # fmt: skip
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

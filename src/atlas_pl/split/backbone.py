@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas_pl.lora.adapters import AdapterBank, LoraSpec, validate_rank
+from atlas_pl.split.bottleneck import BottleneckSpec, InformationBottleneck
 from atlas_pl.split.pooling import Pooling, ResolvedPooling, pool, resolve_pooling, validate_pooling
 from atlas_pl.split.registry import (
     ArchSpec,
@@ -128,6 +129,18 @@ class SplitBackbone(nn.Module):
         self.client_cuts: dict[str, int] = {}  # client adapters whose client half ends after `cut_layer`
         self.server_adapters: list[str] = []
         self.client_adapters: list[str] = []
+        self.bottleneck: InformationBottleneck | None = None  # learned noise at the cut (``enable_bottleneck``)
+
+    def enable_bottleneck(self, spec: BottleneckSpec) -> None:
+        """Give every client adapter (present and future) learned noise scales at the cut (``split.bottleneck``)."""
+        self.bottleneck = InformationBottleneck(spec, int(self.model.get_input_embeddings().embedding_dim))
+        for name in self.client_adapters:
+            self.bottleneck.add(name)
+
+    def client_parameters(self, name: str) -> list[nn.Parameter]:
+        """What a client's optimizer trains: its LoRA factors, plus its bottleneck scales when there is one."""
+        extra = [self.bottleneck.log_scale[name]] if self.bottleneck is not None and name in self.bottleneck else []
+        return [*self.bank.parameters(name), *extra]
 
     def _check_targets(self, model: nn.Module) -> None:
         block0 = model.get_submodule(f"{self.arch.blocks_path}.0")
@@ -198,6 +211,8 @@ class SplitBackbone(nn.Module):
         self.bank.add(name, self.client_module_names(cut), rank, scaling * rank, self.lora.dropout, rank_pattern)
         if name not in self.client_adapters:
             self.client_adapters.append(name)
+        if self.bottleneck is not None:
+            self.bottleneck.add(name)
         if cut == self.cut_layer:
             self.client_cuts.pop(name, None)
         else:

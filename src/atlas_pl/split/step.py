@@ -41,6 +41,9 @@ def split_forward_backward(
     (``send_head_gradients``), the server backpropagates it to ``h_s.grad``, and step 4 follows. The gradients are
     the same as the two-part split's (``tests/split/test_split_exactness.py``).
 
+    With ``backbone.bottleneck`` the client sends ``z = h + σ ⊙ ε`` instead of ``h`` and backpropagates its penalty
+    ``λ · Ī`` first (``atlas_pl.split.bottleneck``); ``∂L/∂z`` then reaches both its adapter and its noise scales.
+
     Args:
         backbone: The shared split model.
         channel: The link that carries (and counts) activations and gradients.
@@ -58,8 +61,12 @@ def split_forward_backward(
     backbone.activate(client_adapter, server_adapter)
     cut = backbone.cut_of(client_adapter)
     hidden = backbone.client_forward(batch["input_ids"], mask, cut)
+    sent = hidden
+    if backbone.bottleneck is not None and client_adapter in backbone.bottleneck:  # learned noise, before sending
+        sent, penalty, _ = backbone.bottleneck(client_adapter, hidden, mask)
+        (backward or _plain_backward)(penalty)  # the client's own term: λ · the bound on I(h; z)
     if backbone.shape == "u_shaped":  # the labels never leave the client
-        received = channel.send_activations(hidden, {"attention_mask": mask}, client_idx)
+        received = channel.send_activations(sent, {"attention_mask": mask}, client_idx)
         top = backbone.server_hidden(received, mask, cut)
         head_input = channel.send_head_activations(top, client_idx)
         out = backbone.head_forward(head_input, mask, labels, server_adapter, task_id)
@@ -67,7 +74,7 @@ def split_forward_backward(
         assert head_input.grad is not None
         torch.autograd.backward(top, channel.send_head_gradients(head_input.grad, client_idx))  # server's blocks
     else:
-        received = channel.send_activations(hidden, {"attention_mask": mask, "labels": labels}, client_idx)
+        received = channel.send_activations(sent, {"attention_mask": mask, "labels": labels}, client_idx)
         out = backbone.server_forward(received, mask, labels, server_adapter, task_id, cut)
         (backward or _plain_backward)(out.loss)
     if received.grad is None:
@@ -75,7 +82,7 @@ def split_forward_backward(
     grad = channel.send_gradients(received.grad, client_idx)
     # The gradient is already in the loss's (possibly scaled) units, so plain autograd continues it unchanged.
     if client_backward is None:
-        torch.autograd.backward(hidden, grad)
+        torch.autograd.backward(sent, grad)
     else:
-        client_backward(hidden, grad)
+        client_backward(sent, grad)
     return out
