@@ -75,12 +75,21 @@ def sentences(task: str, n: int) -> list[str]:
         return [json.loads(line)["text"] for _, line in zip(range(n), f)]
 
 
-def attack_cell(backbone: SplitBackbone, ids: torch.Tensor, mask: torch.Tensor, cut: int, noise: float, mode: str,
-                seed: int) -> dict[str, Any]:  # fmt: skip
+def observe(hidden: torch.Tensor, mask: torch.Tensor, noise: float | torch.Tensor) -> torch.Tensor:
+    """What the server receives: ``hidden`` plus the client's noise, ``noise`` × rms(h) (``activation_noise``), or
+    per dimension when ``noise`` is a ``[hidden]`` vector of scales (a trained ``bottleneck``'s ``σ / rms(h)``)."""
+    if not isinstance(noise, torch.Tensor):
+        return ActivationNoise(noise).apply(hidden, mask)
+    rms = hidden[mask.bool()].float().pow(2).mean().sqrt()
+    return hidden + torch.randn_like(hidden) * noise.to(hidden.dtype) * rms
+
+
+def attack_cell(backbone: SplitBackbone, ids: torch.Tensor, mask: torch.Tensor, cut: int, noise: float | torch.Tensor,
+                mode: str, seed: int) -> dict[str, Any]:  # fmt: skip
     torch.manual_seed(seed)
     with torch.no_grad():
         hidden = backbone.client_forward(ids, mask, cut)
-        observed = ActivationNoise(noise).apply(hidden, mask)
+        observed = observe(hidden, mask, noise)
     steps, lr = SETTINGS[mode]
     start = time.perf_counter()
     result = invert_activations(lambda i, m: backbone.client_forward(i, m, cut), backbone.model.get_input_embeddings(),
@@ -104,15 +113,15 @@ def inverter(model_name: str, cut: int, aux_task: str, aux_examples: int, max_le
                                enc["input_ids"], enc["attention_mask"])  # fmt: skip
 
 
-def learned_cell(model_name: str, ids: torch.Tensor, mask: torch.Tensor, cut: int, noise: float, seed: int,
-                 aux_task: str, aux_examples: int, max_length: int) -> dict[str, Any]:  # fmt: skip
+def learned_cell(model_name: str, ids: torch.Tensor, mask: torch.Tensor, cut: int, noise: float | torch.Tensor,
+                 seed: int, aux_task: str, aux_examples: int, max_length: int) -> dict[str, Any]:  # fmt: skip
     """The learned inverter (no refinement) on the same noisy activations as :func:`attack_cell` draws."""
     backbone, _ = attack_backbone(model_name)
     start = time.perf_counter()
     fitted = inverter(model_name, cut, aux_task, aux_examples, max_length)
     torch.manual_seed(seed)
     with torch.no_grad():
-        observed = ActivationNoise(noise).apply(backbone.client_forward(ids, mask, cut), mask)
+        observed = observe(backbone.client_forward(ids, mask, cut), mask, noise)
     result = learned_inversion(fitted, lambda i, m: backbone.client_forward(i, m, cut),
                                backbone.model.get_input_embeddings(), observed, mask)  # fmt: skip
     return {**token_scores(result.tokens, ids, mask), "relative_error": result.relative_error,

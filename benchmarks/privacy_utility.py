@@ -77,6 +77,8 @@ DEFENCES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "label_dp_0.5": ("label DP ε 0.5", 1, {"label_dp_epsilon": 0.5}),
     "label_dp_1": ("label DP ε 1", 1, {"label_dp_epsilon": 1.0}),
     "label_dp_2": ("label DP ε 2", 1, {"label_dp_epsilon": 2.0}),
+    "vib_0.1": ("bottleneck λ 0.1", 1, {"bottleneck": {"weight": 0.1, "init_scale": 1.0}}),
+    "vib_1": ("bottleneck λ 1", 1, {"bottleneck": {"weight": 1.0, "init_scale": 1.0}}),
     "cut3": ("deeper cut", 3, {}),
     "cut3_noise_1": ("deeper cut + noise 1", 3, {"activation_noise": {"multiplier": 1.0}}),
     "cut3_noise_3": ("deeper cut + noise 3", 3, {"activation_noise": {"multiplier": 3.0}}),
@@ -200,9 +202,11 @@ def calibrate_clip(workload: str, cut: int, proxy: str, steps: int, seed: int) -
     return float(statistics.median(norms))
 
 
-def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, settings: dict) -> dict[str, dict]:
+def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float | str, settings: dict,
+                scales: Any = None) -> dict[str, dict]:  # fmt: skip
     """Token recall per task and attack (``whitebox``, ``learned``) at ``cut`` / ``noise``: cached rows, else run
-    ``privacy.attack_cell`` / ``privacy.learned_cell`` (the same noise draw)."""
+    ``privacy.attack_cell`` / ``privacy.learned_cell`` (the same noise draw). A bottleneck defence is keyed by its name
+    (``noise``) and attacked with its trained per-dimension ``scales``."""
     import privacy
 
     out: dict[str, dict] = {}
@@ -217,14 +221,17 @@ def text_attack(cache: list[dict], tasks: list[str], cut: int, noise: float, set
                 model = settings["model_name"]
                 backbone, tokenizer = privacy.attack_backbone(model)
                 ids, mask = privacy.encode(tokenizer, task, settings["examples"], settings["max_length"])
+                if isinstance(noise, str) and scales is None:
+                    raise SystemExit(f"no attack cell for {noise} and no checkpoint of its seed-0 run to attack")
+                level = scales if isinstance(noise, str) else noise
                 if attack == "whitebox":
-                    cell = privacy.attack_cell(backbone, ids, mask, cut, noise, privacy.MODES[model], settings["seed"])
+                    cell = privacy.attack_cell(backbone, ids, mask, cut, level, privacy.MODES[model], settings["seed"])
                 else:
-                    cell = privacy.learned_cell(model, ids, mask, cut, noise, settings["seed"], settings["aux_task"],
+                    cell = privacy.learned_cell(model, ids, mask, cut, level, settings["seed"], settings["aux_task"],
                                                 settings["aux_examples"], settings["max_length"])  # fmt: skip
                 hit = {"model": model, "task": task, "cut": cut, "noise": noise, **cell}
                 cache.append(hit)
-                print(f"{attack} inversion {task} cut {cut} noise {noise:g}: recall {hit['recall']:.3f}", flush=True)
+                print(f"{attack} inversion {task} cut {cut} noise {noise}: recall {hit['recall']:.3f}", flush=True)
             out[task][attack] = float(hit["recall"])
     return out
 
@@ -256,6 +263,18 @@ def label_attack(cache: list[dict], keep: float, settings: dict, epsilon: float 
               f"labels AUC {hit['sent_label_auc']:.3f}", flush=True)  # fmt: skip
     return {"direction_auc": hit["direction_auc"], "norm_auc": hit["norm_auc"],
             "sent_label_auc": float(hit.get("sent_label_auc", 1.0))}  # fmt: skip
+
+
+def trained_scales(args: argparse.Namespace, name: str) -> Any:
+    """``σ / rms(h)`` per dimension of client 0's bottleneck in defence ``name``'s seed-0 run (None without it)."""
+    import torch
+
+    _, _, sub, _ = WORKLOADS[args.model]
+    path = args.out / "privacy_runs" / sub / name / "seed0" / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return state["backbone.bottleneck.log_scale.client_0"].exp()
 
 
 def matching_rows(path: Path, settings: dict[str, Any], keys: list[str]) -> list[dict]:
@@ -341,7 +360,8 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
     families = {"none": "none", "noise": "activation noise (cut 1)", "dp": "DP-SGD (cut 1)",
-                "u_shaped": "U-shaped", "cut": "deeper cut"}  # fmt: skip
+                "vib": "information bottleneck", "label_dp": "label DP", "u_shaped": "U-shaped",
+                "cut": "deeper cut"}  # fmt: skip
     for ax, kind in zip(axes, ("text", "label")):
         for fam, title in families.items():
             sel = [r for r in rows if r["defence"].startswith(fam) and (fam != "none" or r["defence"] == "none")]
@@ -441,7 +461,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(torch_threads)
     for name in runs:
         _, cut, options = DEFENCES[name]
-        text = text_attack(text_cache, args.tasks, cut, noise_of(options), settings)
+        if "bottleneck" in options:  # the trained noise scales of the seed-0 run's client 0
+            text = text_attack(text_cache, args.tasks, cut, name, settings, trained_scales(args, name))
+        else:
+            text = text_attack(text_cache, args.tasks, cut, noise_of(options), settings)
         entry: dict[str, Any] = {"text": text, "label_task": settings["label_task"], "label_ap": 1.0}
         epsilon = options.get("label_dp_epsilon")
         if options.get("split_shape") == "u_shaped" or epsilon is not None:

@@ -77,7 +77,7 @@ class SplitClient(L.LightningModule):
         return self.__dict__.get("_shared_backbone") or self.backbone
 
     # ------------------------------------------------------------------------------------------ optimizers
-    def make_optimizer(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: Sequence[Any]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
 
     def client_optimizer(self) -> torch.optim.Optimizer:

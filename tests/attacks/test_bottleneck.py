@@ -50,11 +50,13 @@ def test_a_federation_trains_the_scales_checkpoints_them_and_refuses_dp_sgd(fast
     with pytest.raises(ValueError, match="cannot be combined"):
         Federation(**tiny_federation_kwargs(), bottleneck={"weight": 0.1}, dp_sgd={"noise_multiplier": 1.0})
     fed = Federation(**tiny_federation_kwargs(share="none"), bottleneck={"weight": 1.0, "init_scale": 0.5})
-    assert fed.hparams["bottleneck"] == {"weight": 1.0, "init_scale": 0.5}
+    assert fed.hparams["bottleneck"] == {"weight": 1.0, "init_scale": 0.5, "learning_rate": 0.05}
     start = fed.backbone.bottleneck.scales("client_0")  # type: ignore[union-attr]
     L.Trainer(max_epochs=1, **fast_trainer_kwargs).fit(fed, datamodule=FederatedDataModule(**tiny_data_kwargs()))
     after = fed.backbone.bottleneck.scales("client_0")  # type: ignore[union-attr]
-    assert not torch.equal(start, after)  # the client's optimizer trains them
+    assert not torch.equal(start, after)  # the client's optimizer trains them, at their own rate
+    groups = fed.optimizers()[0].optimizer.param_groups  # type: ignore[index,union-attr]
+    assert [g["lr"] for g in groups] == [1e-2, 0.05] and groups[1]["weight_decay"] == 0.0
     assert fed.history[-1]["privacy/bottleneck_scale"] == pytest.approx(
         float(torch.stack([fed.backbone.bottleneck.scales(f"client_{i}") for i in range(4)]).mean()))  # type: ignore[union-attr]  # fmt: skip
     checkpoint: dict = {"state_dict": fed.state_dict()}

@@ -137,10 +137,17 @@ class SplitBackbone(nn.Module):
         for name in self.client_adapters:
             self.bottleneck.add(name)
 
-    def client_parameters(self, name: str) -> list[nn.Parameter]:
-        """What a client's optimizer trains: its LoRA factors, plus its bottleneck scales when there is one."""
-        extra = [self.bottleneck.log_scale[name]] if self.bottleneck is not None and name in self.bottleneck else []
-        return [*self.bank.parameters(name), *extra]
+    def client_parameters(self, name: str) -> list[Any]:
+        """What a client's optimizer trains: its LoRA factors, and its bottleneck scales if it has a bottleneck.
+
+        With a bottleneck the result is two parameter groups: the factors, and the log-scales at the bottleneck's
+        learning rate without weight decay.
+        """
+        params: list[Any] = list(self.bank.parameters(name))
+        if self.bottleneck is not None and name in self.bottleneck:
+            params = [{"params": params}, {"params": [self.bottleneck.log_scale[name]], "weight_decay": 0.0,
+                                           "lr": self.bottleneck.spec.learning_rate}]  # fmt: skip
+        return params
 
     def _check_targets(self, model: nn.Module) -> None:
         block0 = model.get_submodule(f"{self.arch.blocks_path}.0")

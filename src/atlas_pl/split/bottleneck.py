@@ -28,16 +28,21 @@ class BottleneckSpec:
     Args:
         weight: ``λ``, the weight of the information penalty in the client's loss (``>= 0``).
         init_scale: Initial ``σ_d / rms(h)`` of every dimension (``> 0``).
+        learning_rate: The client optimizer's rate for the log-scales (a parameter group of their own: at an adapter's
+            rate of ~1e-3 a log-scale moves by at most ~1e-3 per step, far too little over a few rounds).
     """
 
     weight: float = 0.1
     init_scale: float = 0.3
+    learning_rate: float = 0.05
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, bool) or not self.weight >= 0:
             raise ValueError(f"bottleneck.weight must be >= 0 (λ of the information penalty), got {self.weight!r}")
         if isinstance(self.init_scale, bool) or not self.init_scale > 0:
             raise ValueError(f"bottleneck.init_scale must be > 0 (initial noise / rms(h)), got {self.init_scale!r}")
+        if isinstance(self.learning_rate, bool) or not self.learning_rate > 0:
+            raise ValueError(f"bottleneck.learning_rate must be > 0, got {self.learning_rate!r}")
 
 
 class InformationBottleneck(nn.Module):
