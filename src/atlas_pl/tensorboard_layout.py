@@ -33,6 +33,7 @@ CHARTS: dict[str, dict[str, str]] = {
     },
     "privacy": {
         "DP-SGD ε of the client adapters (largest, median client)": r"^privacy/dp_epsilon(_median)?$",
+        "bottleneck noise σ / rms(h) (mean, min, max over dimensions)": r"^privacy/bottleneck_scale(_min|_max)?$",
     },
 }
 """Category -> chart title -> regular expression of the tags drawn as the chart's lines."""

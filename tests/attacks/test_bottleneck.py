@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from atlas_pl.data import FederatedDataModule
 from atlas_pl.federation import Federation
 from atlas_pl.split.bottleneck import BottleneckSpec, InformationBottleneck
+from atlas_pl.tensorboard_layout import CHARTS
 from tests.conftest import tiny_data_kwargs, tiny_federation_kwargs
 
 
@@ -59,6 +62,9 @@ def test_a_federation_trains_the_scales_checkpoints_them_and_refuses_dp_sgd(fast
     assert [g["lr"] for g in groups] == [1e-2, 0.05] and groups[1]["weight_decay"] == 0.0
     assert fed.history[-1]["privacy/bottleneck_scale"] == pytest.approx(
         float(torch.stack([fed.backbone.bottleneck.scales(f"client_{i}") for i in range(4)]).mean()))  # type: ignore[union-attr]  # fmt: skip
+    chart = CHARTS["privacy"]["bottleneck noise σ / rms(h) (mean, min, max over dimensions)"]
+    assert {k for k in fed.history[-1] if re.match(chart, k)} == {
+        "privacy/bottleneck_scale", "privacy/bottleneck_scale_min", "privacy/bottleneck_scale_max"}  # fmt: skip
     checkpoint: dict = {"state_dict": fed.state_dict()}
     fed.on_save_checkpoint(checkpoint)
     assert "backbone.bottleneck.log_scale.client_0" in checkpoint["state_dict"]

@@ -79,7 +79,8 @@ def test_fit_writes_three_metrics_times_cluster_and_task_charts(events) -> None:
         [(category, f"{category} per {scope}")
          for category in ("train loss", "validation loss", "validation accuracy")
          for scope in ("cluster", "task")]
-        + [("privacy", "DP-SGD ε of the client adapters (largest, median client)")]  # drawn once DP-SGD logs it
+        + [("privacy", "DP-SGD ε of the client adapters (largest, median client)"),  # drawn once DP-SGD logs it
+           ("privacy", "bottleneck noise σ / rms(h) (mean, min, max over dimensions)")]
     )  # fmt: skip
 
 
