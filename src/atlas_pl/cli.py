@@ -337,6 +337,14 @@ def _networked(model: Any, datamodule: Any, callbacks: list[Any]) -> Federation:
         )
     if model.backbone.shape != "two_part":
         raise ValueError("`serve` and `client` run the two-part split only; set model.split_shape: two_part")
+    private = [n for n, on in (("model.dp_sgd", model.dp_sgd is not None),
+                               ("model.bottleneck", model.backbone.bottleneck is not None)) if on]  # fmt: skip
+    if private:
+        raise ValueError(
+            f"{' and '.join(private)} do not run over the network yet (the networked client step has no per-example "
+            "clipping or learned noise); train in one process with `fit`, or drop them (model.activation_noise and "
+            "data.label_dp_epsilon do work over the network)"
+        )
     datamodule.setup("fit")
     model.attach_data(datamodule)
     return model

@@ -267,3 +267,15 @@ def test_a_killed_server_stops_the_clients_clearly_and_a_restart_resumes_from_th
         _wait(proc, tmp_path, f"c{c}")
     _wait(server, tmp_path, "srv")
     _assert_same(in_process, _collect(tmp_path))
+
+
+@pytest.mark.parametrize("option", [{"dp_sgd": {"noise_multiplier": 1.0}}, {"bottleneck": {"weight": 0.1}}])
+def test_defences_the_network_client_does_not_run_are_refused_by_name(option: dict) -> None:
+    from atlas_pl.cli import _networked
+    from atlas_pl.data import FederatedDataModule
+    from atlas_pl.federation import Federation
+    from tests.conftest import tiny_data_kwargs, tiny_federation_kwargs
+
+    fed = Federation(**tiny_federation_kwargs(), **option)
+    with pytest.raises(ValueError, match=rf"model\.{next(iter(option))} do not run over the network"):
+        _networked(fed, FederatedDataModule(**tiny_data_kwargs()), [])
