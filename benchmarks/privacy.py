@@ -9,7 +9,8 @@ over token ids. The attack mode per model is the one that works on it (``relaxed
 normalizes; ``embedding`` for LLaMA), overridable with ``--modes``. The client adapter is fresh (``B = 0``), so the
 client half is the pretrained model itself, which the server knows. The learned inverter (``attack: learned``) is
 fit per model and cut on ``--aux-examples`` train sentences of a public auxiliary task (``--aux-task``, not a
-client's) and reads each cell's activations at once, without optimisation (``--no-learned`` skips it).
+client's) and reads each cell's activations at once, without optimisation (``--attacks`` picks the attacks). A run
+merges its cells into an existing report with the same settings (a cell it measures replaces the old one).
 
 The accuracy side of each defence, the label attacks and DCS are ``benchmarks/privacy_utility.py``'s (which reuses
 these cells). Outputs (atomic): ``<out>/privacy.{json,csv,png}``.
@@ -18,6 +19,7 @@ Usage::
 
     python benchmarks/privacy.py                                      # 2 models x 2 tasks x 2 cuts x 4 noise levels
     python benchmarks/privacy.py --models smollm2-offline --cuts 1 2 3 --noise 0 1
+    python benchmarks/privacy.py --attacks learned --cuts 1 2 3 --noise 0 1 3   # the learned inverter only: ~2 min
 """
 
 from __future__ import annotations
@@ -128,6 +130,23 @@ def learned_cell(model_name: str, ids: torch.Tensor, mask: torch.Tensor, cut: in
             "seconds": time.perf_counter() - start, "attack": "learned", "steps": 0}  # fmt: skip
 
 
+def row_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["task"], row["cut"], row["noise"], row["attack"]
+
+
+def merged(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of an earlier report with the same settings, with ``rows`` replacing those of the same cell (model,
+    task, cut, noise, attack): a run adds cells to the report instead of discarding the others."""
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    same = all(old["settings"].get(k, settings[k]) == settings[k] for k in ("examples", "max_length", "seed",
+                                                                            "aux_task", "aux_examples"))  # fmt: skip
+    new = {row_key(r) for r in rows}
+    kept = [r for r in old["rows"] if same and row_key(r) not in new]
+    return sorted(kept + rows, key=lambda r: (r["model"], r["task"], r["cut"], r["attack"] == "learned", r["noise"]))
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -162,27 +181,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--modes", nargs="+", default=None, help="attack modes (default: the one that works per model)")
     p.add_argument("--examples", type=int, default=4)
     p.add_argument("--max_length", type=int, default=24)
-    p.add_argument("--no-learned", dest="learned", action="store_false", help="skip the learned inverter")
+    p.add_argument("--attacks", nargs="+", default=["whitebox", "learned"], choices=["whitebox", "learned"])
     p.add_argument("--aux-task", default="cola", help="public auxiliary text of the learned inverter (its train split)")
     p.add_argument("--aux-examples", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model_name in args.models:
         backbone, tokenizer = attack_backbone(model_name)
         for task in args.tasks:
             ids, mask = encode(tokenizer, task, args.examples, args.max_length)
             for cut in args.cuts:
-                for mode in args.modes or [MODES[model_name]]:
+                for mode in (args.modes or [MODES[model_name]]) if "whitebox" in args.attacks else []:
                     for noise in args.noise:
                         row = {"model": model_name, "task": task, "cut": cut, "noise": noise,
                                **attack_cell(backbone, ids, mask, cut, noise, mode, args.seed)}  # fmt: skip
                         rows.append(row)
                         print(f"{model_name} {task} cut {cut} noise {noise} {mode}: recall {row['recall']:.3f} "
                               f"rouge-L {row['rouge_l']:.3f} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
-                if not args.learned:
+                if "learned" not in args.attacks:
                     continue
                 for noise in args.noise:
                     cell = learned_cell(model_name, ids, mask, cut, noise, args.seed, args.aux_task, args.aux_examples,
@@ -190,13 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rows.append({"model": model_name, "task": task, "cut": cut, "noise": noise, **cell})
                     print(f"{model_name} {task} cut {cut} noise {noise} learned: recall {cell['recall']:.3f}",
                           flush=True)  # fmt: skip
-    report = {
-        "settings": {"examples": args.examples, "max_length": args.max_length, "seed": args.seed,
-                     "attack_settings": SETTINGS, "labels_disclosed_two_part_split": 1.0,
-                     "aux_task": args.aux_task if args.learned else None, "aux_examples": args.aux_examples},
-        "machine": machine_info(),
-        "rows": rows,
-    }  # fmt: skip
+    settings = {"examples": args.examples, "max_length": args.max_length, "seed": args.seed,
+                "attack_settings": SETTINGS, "labels_disclosed_two_part_split": 1.0, "aux_task": args.aux_task,
+                "aux_examples": args.aux_examples}  # fmt: skip
+    rows = merged(args.out / "privacy.json", settings, rows)
+    report = {"settings": settings, "machine": machine_info(), "rows": rows}
     write_report(args.out, "privacy", report, rows)
     plot(rows, args.out / "privacy.png")
     return report

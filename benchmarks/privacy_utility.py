@@ -449,8 +449,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.setdefault(r["method"], []).append(parse_run(r["folder"], args.tasks))  # type: ignore[arg-type]
     # attacks: cached cells of an earlier report of this script, of privacy.py and of label_leakage.py
     text_cache = [r for r in old.get("text_attacks", []) if old.get("settings", {}).get("examples") == args.examples]
+    same_aux = bool(matching_rows(args.out / "privacy.json", settings, ["aux_task", "aux_examples"]))
     text_cache += [r for r in matching_rows(args.out / "privacy.json", settings, ["examples", "max_length", "seed"])
-                   if r.get("attack") != "learned" or r.get("aux_task", "cola") == settings["aux_task"]]  # fmt: skip
+                   if r.get("attack") != "learned" or same_aux]  # fmt: skip
     label_cache = list(old.get("label_attacks", []))
     wanted = {"batch": settings["label_batch"], "batches": settings["label_batches"],
               "max_length": settings["label_max_length"], "seed": settings["seed"]}  # fmt: skip
