@@ -94,9 +94,7 @@ def leakage_cell(split: SplitBackbone, tokenizer: Any, task: str, keep: float, b
     against the true ones (what a two-part server, which receives them, reads).
     """
     texts, truth = examples(task, batch * batches)
-    labels = truth
-    if label_dp_epsilon is not None:
-        labels = randomized_response(np.asarray(truth), 2, label_dp_epsilon, seed=0).tolist()
+    labels = received_labels(truth, label_dp_epsilon)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     scores, nbytes = [], 0
     for b in range(batches):
@@ -108,7 +106,7 @@ def leakage_cell(split: SplitBackbone, tokenizer: Any, task: str, keep: float, b
         split_forward_backward(split, channel, step, "c", "s")
         scores.append(label_leakage(channel.received, torch.tensor(truth[sl])))
         nbytes += channel.stats.head_gradients_up
-    sent = sent_label_auc(task, batch * batches, label_dp_epsilon)
+    sent = folded_auc(truth, labels)
     return {"norm_auc": sum(s["norm_auc"] for s in scores) / len(scores),
             "direction_auc": sum(s["direction_auc"] for s in scores) / len(scores),
             "bytes_per_batch": nbytes / batches, "sent_label_auc": sent}  # fmt: skip
@@ -118,10 +116,20 @@ def sent_label_auc(task: str, n: int, label_dp_epsilon: float | None) -> float:
     """Folded AUC of the labels a two-part server receives against the true ones (1.0 without label DP), on the same
     ``n`` examples and randomized-response draw as :func:`leakage_cell`."""
     _, truth = examples(task, n)
+    return folded_auc(truth, received_labels(truth, label_dp_epsilon))
+
+
+def received_labels(truth: list[int], label_dp_epsilon: float | None) -> list[int]:
+    """The labels the client trains on: ``truth``, or its randomized-response draw (seed 0) with label DP."""
     if label_dp_epsilon is None:
-        return 1.0
-    auc = roc_auc_score(truth, randomized_response(np.asarray(truth), 2, label_dp_epsilon, seed=0))
-    return float(max(auc, 1 - auc))
+        return truth
+    return randomized_response(np.asarray(truth), 2, label_dp_epsilon, seed=0).tolist()
+
+
+def folded_auc(truth: list[int], received: list[int]) -> float:
+    """ROC AUC of ``received`` as a score for ``truth``, folded to ``max(AUC, 1 − AUC)``."""
+    auc = float(roc_auc_score(truth, received))
+    return max(auc, 1 - auc)
 
 
 def plot(rows: list[dict], path: Path) -> None:

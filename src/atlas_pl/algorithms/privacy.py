@@ -31,6 +31,7 @@ the labels that the gradient attacks of :mod:`atlas_pl.attacks.labels` cannot un
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,7 +210,13 @@ class DPSGD:
         """``ε`` at ``delta`` after ``steps`` steps of one client at ``sampling_rate`` (``inf`` without noise)."""
         if steps < 1:
             return 0.0
-        return dp_epsilon(self.noise_multiplier, steps, self.delta, min(1.0, sampling_rate))
+        return _cached_epsilon(self.noise_multiplier, steps, self.delta, min(1.0, sampling_rate))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_epsilon(noise_multiplier: float, steps: int, delta: float, sampling_rate: float) -> float:
+    """:func:`dp_epsilon` per distinct setting: a round asks it for every client, most of which share one setting."""
+    return dp_epsilon(noise_multiplier, steps, delta, sampling_rate)
 
 
 def keep_probability(epsilon: float, num_classes: int) -> float:
