@@ -22,11 +22,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_report(out: Path, stem: str, report: dict[str, Any], table: list[dict[str, Any]]) -> None:
-    """``<out>/<stem>.json`` (``report``) and ``<out>/<stem>.csv`` (``table``, one row per dict), atomically."""
+    """``<out>/<stem>.json`` (``report``) and ``<out>/<stem>.csv`` (``table``, one row per dict; the columns are every
+    key of any row, empty where a row lacks one), atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode())
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in table for k in row)))  # rows may differ
     writer.writeheader()
     writer.writerows(table)
     atomic_write_bytes(out / f"{stem}.csv", buf.getvalue().encode())

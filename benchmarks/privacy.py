@@ -126,8 +126,12 @@ def learned_cell(model_name: str, ids: torch.Tensor, mask: torch.Tensor, cut: in
         observed = observe(backbone.client_forward(ids, mask, cut), mask, noise)
     result = learned_inversion(fitted, lambda i, m: backbone.client_forward(i, m, cut),
                                backbone.model.get_input_embeddings(), observed, mask)  # fmt: skip
+    with torch.no_grad():  # how the clean activations' energy spreads over dimensions (the noise is rms-scaled)
+        energy = backbone.client_forward(ids, mask, cut)[mask.bool()].float().pow(2).mean(dim=0)
+        top = energy.sort(descending=True).values / energy.sum()
     return {**token_scores(result.tokens, ids, mask), "relative_error": result.relative_error,
-            "seconds": time.perf_counter() - start, "attack": "learned", "steps": 0}  # fmt: skip
+            "seconds": time.perf_counter() - start, "attack": "learned", "steps": 0,
+            "energy_top1": float(top[0]), "energy_top16": float(top[:16].sum())}  # fmt: skip
 
 
 def row_key(row: dict[str, Any]) -> tuple:

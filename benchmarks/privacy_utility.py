@@ -277,6 +277,23 @@ def trained_scales(args: argparse.Namespace, name: str) -> Any:
     return state["backbone.bottleneck.log_scale.client_0"].exp()
 
 
+def adapter_change(args: argparse.Namespace, name: str, reference: str = "none") -> float | None:
+    """Relative norm difference of client 0's client adapter between defence ``name``'s and ``reference``'s seed-0
+    runs (their checkpoints; None without them)."""
+    import torch
+
+    _, _, sub, _ = WORKLOADS[args.model]
+    states = []
+    for run in (name, reference):
+        path = args.out / "privacy_runs" / sub / run / "seed0" / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            return None
+        states.append(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    keys = [k for k in states[1] if ".client_0." in k and "lora_" in k]
+    diff = sum(float((states[0][k] - states[1][k]).pow(2).sum()) for k in keys)
+    return (diff / sum(float(states[1][k].pow(2).sum()) for k in keys)) ** 0.5
+
+
 def matching_rows(path: Path, settings: dict[str, Any], keys: list[str]) -> list[dict]:
     """Rows of an earlier report whose settings agree with ``settings`` on ``keys`` (else none)."""
     if not path.exists():
@@ -477,6 +494,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry.update(scores, label_ap=max(0.0, 2 * best - 1))
         attacks[name] = entry
     rows = summarize(runs, attacks, args.tasks)
+    dp_runs = [r["defence"] for r in rows if r["defence"].startswith("dp_")]
+    for r in rows:  # DP-SGD: how far its client adapter moved from the undefended one's, and from the lowest σ's
+        old_row = next((o for o in old.get("rows", []) if o["defence"] == r["defence"]), {})
+        for key, ref in (("client_adapter_change_vs_none", "none"),
+                         ("client_adapter_change_vs_lowest_sigma", dp_runs[0] if dp_runs else "")):  # fmt: skip
+            change = None
+            if r["defence"] in dp_runs:
+                change = adapter_change(args, r["defence"], ref) if r["defence"] != ref else 0.0
+            r[key] = change if change is not None else old_row.get(key)
     extra = [] if args.seeds == [0, 1, 2] else ["--seeds", *map(str, args.seeds)]
     extra += [] if args.rounds == 3 else ["--rounds", str(args.rounds)]
     extra += [] if args.defences == default_defences else ["--defences", *args.defences]
