@@ -15,6 +15,7 @@ import torch
 from typing_extensions import override
 
 from atlas_pl.algorithms.privacy import DPSGD
+from atlas_pl.profiling import section
 from atlas_pl.split.backbone import ServerOutput, SplitBackbone
 from atlas_pl.split.channel import Channel, InProcessChannel
 from atlas_pl.split.step import Backward, split_forward_backward
@@ -127,8 +128,9 @@ class SplitClient(L.LightningModule):
                 client_opt.zero_grad(set_to_none=True)
                 server_opt.zero_grad(set_to_none=True)
                 raise
-        server_opt.step()
-        client_opt.step()
+        with section("split/optimizers"):
+            server_opt.step()
+            client_opt.step()
         return out
 
     def _private_backward(self, hidden: torch.Tensor, grad: torch.Tensor) -> None:

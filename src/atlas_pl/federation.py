@@ -41,6 +41,7 @@ from atlas_pl.faults import FaultSpec, check_step, describe
 from atlas_pl.lora.adapters import LoraSpec
 from atlas_pl.metrics import PerClientMean, synced
 from atlas_pl.models import load_model
+from atlas_pl.profiling import section, use_profiler
 from atlas_pl.protocol import AdapterLayout, AdapterUpdate, ClientSizing, Side
 from atlas_pl.rng import rng_state, set_rng_state
 from atlas_pl.roster import ClientRoster, Share
@@ -49,6 +50,7 @@ from atlas_pl.split.bottleneck import BottleneckSpec
 from atlas_pl.split.channel import ActivationNoise, ChannelStats, Compression, GradientSparsity, InProcessChannel
 from atlas_pl.split.pooling import Pooling
 from atlas_pl.split.signal import SignalKind, task_signal
+from atlas_pl.split.step import split_group_forward_backward
 from atlas_pl.strategies import ClientParallelStrategy
 
 
@@ -106,6 +108,11 @@ class Federation(L.LightningModule):
             ``privacy/bottleneck_scale`` (mean σ / rms(h); ``_min`` / ``_max`` over dimensions). One process only;
             not with ``dp_sgd``.
             Default: none.
+        server_batching: With ``data.schedule: synchronous``, run the clients of a step that share a server adapter
+            (and cut layer) through the server half as one batch (default), or one at a time with their server
+            gradients summed — the same result up to float rounding (dropout aside), slower. Either way the shared
+            server adapter takes one optimizer step per local step (see
+            ``atlas_pl.split.step.split_group_forward_backward``). No effect on the sequential schedule.
     """
 
     def __init__(
@@ -129,6 +136,7 @@ class Federation(L.LightningModule):
         gradient_sparsity: GradientSparsity | None = None,
         dp_sgd: DPSGD | None = None,
         bottleneck: BottleneckSpec | None = None,
+        server_batching: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -160,6 +168,7 @@ class Federation(L.LightningModule):
                             dp_sgd=asdict(dp) if dp is not None else None,
                             bottleneck=asdict(vib) if vib is not None else None)  # fmt: skip
         self.dp_sgd = dp
+        self.server_batching = bool(server_batching)
         self.evaluation = ev
         self.faults = fault_spec
         self.fault_log: list[dict[str, Any]] = []  # every fault: round, client, cluster, reason
@@ -423,6 +432,14 @@ class Federation(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ training
     @override
+    def on_fit_start(self) -> None:
+        use_profiler(getattr(self.trainer, "profiler", None))  # the split step reports its sections to it
+
+    @override
+    def on_fit_end(self) -> None:
+        use_profiler(None)
+
+    @override
     def on_train_epoch_start(self) -> None:
         self._participants = set()
         self._round_faults = {}
@@ -433,6 +450,9 @@ class Federation(L.LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if "clients" in batch:  # a synchronous round's step: every client of the step together
+            self.group_step(batch["clients"])
+            return
         idx = int(batch["client_idx"])
         if idx < 0 or idx in self._round_faults:  # a sharded round's idle padding step; a client left out
             return
@@ -458,6 +478,43 @@ class Federation(L.LightningModule):
         self.train_loss.update(out.loss, idx, out.num_targets)
         self._participants.add(idx)
         self.log("train_loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+    def group_step(self, batches: list[dict]) -> None:
+        """One local step of several clients (``data.schedule: synchronous``): client halves, batched server halves.
+
+        Every client's and every distinct server adapter's optimizer steps once, after all gradients are in.
+
+        Raises:
+            ValueError: With ``faults: {tolerate: true}`` (one failing client would spoil its group's server step).
+        """
+        if self.faults.tolerate:
+            raise ValueError(
+                "faults.tolerate leaves a failing client out of its own step; under data.schedule synchronous its "
+                "group shares one server step. Fix: data.schedule sequential, or faults.tolerate false"
+            )
+        opts = cast(list, self.optimizers())
+        idxs = [int(b["client_idx"]) for b in batches]
+        used = sorted({j for i in idxs for j in self.optimizer_index(i)})
+        for j in used:
+            opts[j].zero_grad(set_to_none=True)
+        clients = [self.clients[i] for i in idxs]
+        outs = split_group_forward_backward(
+            self.backbone,
+            self.channel,
+            batches,
+            [(c.client_adapter, c.server_adapter, i) for c, i in zip(clients, idxs)],
+            backward=self.manual_backward,
+            client_backwards=[c._private_backward if c.dp_sgd is not None else None for c in clients],
+            batched=self.server_batching,
+        )
+        with section("split/optimizers"):
+            for j in used:
+                opts[j].step()
+        for i, out in zip(idxs, outs):
+            self.train_loss.update(out.loss, i, out.num_targets)
+            self._participants.add(i)
+        mean = torch.stack([o.loss.detach() for o in outs]).mean()
+        self.log("train_loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
     def leave_out(self, client: int, reason: str) -> None:
         """Leave ``client`` out of the rest of this round and its aggregation; log and record why."""
@@ -618,9 +675,10 @@ class Federation(L.LightningModule):
 
     def log_round(self, metrics: dict[str, float]) -> None:
         """Log per-round metrics: to callbacks (``callback_metrics``) and to the loggers with ``step = round``."""
-        self.log_dict(metrics, logger=False, batch_size=1)
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.current_epoch)
+        with section("federation/logging"):
+            self.log_dict(metrics, logger=False, batch_size=1)
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.current_epoch)
 
     # ------------------------------------------------------------------------------------------ evaluation
     @override

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from atlas_pl.data.client_data import MIN_EXAMPLES, client_datasets, client_splits
 from atlas_pl.data.encoding import verbalizer_ids
-from atlas_pl.data.formats import collate
+from atlas_pl.data.formats import collate, collate_clients
 from atlas_pl.data.sampling import ClientChunkBatchSampler, RoundBatchSampler, RoundExamples, sample_clients
 from atlas_pl.data.sources import load_tasks
 from atlas_pl.data.synthetic import GROUPS
@@ -96,6 +96,13 @@ class FederatedDataModule(L.LightningDataModule):
         cache_dir: ``datasets`` cache folder for loaded files and cached tokenization (``None``: HF datasets cache).
         interleave_clients: Shuffle each round's batches across clients instead of client after client (the pooled
             order of the centralized baseline).
+        schedule: Order of a round's steps: ``sequential`` (each sampled client runs its ``local_steps`` in turn) or
+            ``synchronous`` (SplitFed-style: at every local step all of the round's clients step together — the
+            server runs the clients sharing a server adapter as one batch, see ``model.server_batching``, and takes
+            one optimizer step for them). Each client trains on the same batches either way.
+        max_val_examples_per_client: Validate on each client's first ``N`` validation examples only (a fixed
+            sample: the same every round), to bound evaluation time on many clients; ``None``: all. Test is never
+            capped by it.
         heads: Classification heads of an encoder (``task_format: classification``): ``per_task`` (each task its
             own) or ``per_label_words`` (tasks with the same label words share one head, each word one output; the
             classes are renumbered in word order, see ``Task.sorted_by_label_word``). After :meth:`setup`,
@@ -135,8 +142,15 @@ class FederatedDataModule(L.LightningDataModule):
         interleave_clients: bool = False,
         heads: Literal["per_task", "per_label_words"] = "per_task",
         label_dp_epsilon: float | None = None,
+        schedule: Literal["sequential", "synchronous"] = "sequential",
+        max_val_examples_per_client: int | None = None,
     ) -> None:
         super().__init__()
+        _check(schedule in ("sequential", "synchronous"), "schedule", schedule, "use 'sequential' or 'synchronous'")
+        _check(not (schedule == "synchronous" and interleave_clients), "interleave_clients", interleave_clients,
+               "interleave_clients (pooled order) and schedule synchronous are two orders; choose one")  # fmt: skip
+        _check(max_val_examples_per_client is None or max_val_examples_per_client >= 1, "max_val_examples_per_client",
+               max_val_examples_per_client, "pass an int >= 1, or null for all")  # fmt: skip
         _check(num_clients >= 1, "num_clients", num_clients, "pass num_clients >= 1")
         _check(
             task_format in ("causal_lm", "classification"),
@@ -211,6 +225,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.max_target_length = max_target_length
         self.cache_dir = cache_dir
         self.interleave_clients = interleave_clients
+        self.schedule = schedule
+        self.max_val_examples_per_client = max_val_examples_per_client
         self.heads = heads
         self.label_dp_epsilon = label_dp_epsilon
         self.task_heads: list[int] = []
@@ -344,6 +360,7 @@ class FederatedDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             interleave=self.interleave_clients,
+            synchronous=self.schedule == "synchronous",
         )
 
     @override
@@ -353,7 +370,7 @@ class FederatedDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,  # type: ignore[arg-type]
             batch_sampler=self.train_sampler(),
-            collate_fn=partial(collate, pad_id=self.pad_id),
+            collate_fn=partial(collate_clients if self.schedule == "synchronous" else collate, pad_id=self.pad_id),
             num_workers=0,
         )
 
@@ -371,9 +388,10 @@ class FederatedDataModule(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
-        """Every client's validation examples, client by client, in chunks of ``batch_size``."""
+        """Every client's validation examples (its first ``max_val_examples_per_client``), in ``batch_size`` chunks."""
         self.setup()
-        return self._eval_loader(self.val_datasets)
+        cap = self.max_val_examples_per_client
+        return self._eval_loader(self.val_datasets if cap is None else [d[:cap] for d in self.val_datasets])
 
     @override
     def test_dataloader(self) -> DataLoader:

@@ -247,3 +247,26 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     if any(item.get("target") is not None for item in batch):
         out["targets"] = [str(item.get("target") or "") for item in batch]
     return out
+
+
+def collate_clients(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Collates the examples of several clients (a synchronous round's step) into one batch per client.
+
+    Consecutive items with the same ``client_idx`` form one client's batch (:func:`collate`). One client gives its
+    plain batch; several give ``{"clients": [batch, ...], "client_idx": <the first client>}``, which
+    ``Federation.training_step`` runs as one step of every client (the server batching the clients that share a
+    server adapter). An idle padding item comes back as it is.
+    """
+    if not batch:
+        raise ValueError("collate got an empty batch; fix: check the sampler yields non-empty index lists.")
+    if batch[0].get("idle"):
+        return dict(batch[0])
+    groups: list[list[dict[str, Any]]] = []
+    for item in batch:
+        if not groups or groups[-1][0].get("client_idx") != item.get("client_idx"):
+            groups.append([])
+        groups[-1].append(item)
+    if len(groups) == 1:
+        return collate(groups[0], pad_id)
+    batches = [collate(g, pad_id) for g in groups]
+    return {"clients": batches, "client_idx": batches[0]["client_idx"]}

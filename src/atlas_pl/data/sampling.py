@@ -82,6 +82,9 @@ class RoundBatchSampler(Sampler[list[int]]):
             the same length.
         interleave: Shuffle the round's batches across clients (seeded) instead of client after client — the
             pooled-data order of the centralized baseline.
+        synchronous: Step by step instead of client after client: the round's ``s``-th yield holds the ``s``-th
+            batch of every hosted sampled client, concatenated in client order (``collate_clients`` splits it back
+            into one batch per client). The batches themselves are the same as in the sequential order.
     """
 
     def __init__(
@@ -95,7 +98,13 @@ class RoundBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         interleave: bool = False,
+        synchronous: bool = False,
     ) -> None:
+        if interleave and synchronous:
+            raise ValueError(
+                "interleave (one shuffled stream of single-client batches) and synchronous (every client's s-th batch "
+                "together) are two different round orders; fix: choose one"
+            )
         if len(client_offsets) != len(client_sizes) or not client_sizes:
             raise ValueError(
                 f"client_offsets (len {len(client_offsets)}) and client_sizes (len {len(client_sizes)}) must be "
@@ -120,6 +129,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.interleave = interleave
+        self.synchronous = synchronous
         self.epoch = 0
 
     @property
@@ -162,6 +172,8 @@ class RoundBatchSampler(Sampler[list[int]]):
 
     def round_length(self, round_idx: int) -> int:
         """Batches every process yields in ``round_idx``: the longest process's count of real batches."""
+        if self.synchronous:
+            return self.local_steps
         return max(len(self.hosted(r, round_idx)) for r in range(self.world_size)) * self.local_steps
 
     def client_batches(self, client_idx: int, round_idx: int) -> list[list[int]]:
@@ -185,6 +197,11 @@ class RoundBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         round_idx = self.epoch
+        if self.synchronous:  # step s: every hosted client's s-th batch; idle when this process hosts nobody
+            per_client = [self.client_batches(c, round_idx) for c in self.round_clients(round_idx)]
+            for s in range(self.local_steps):
+                yield [i for batches in per_client for i in batches[s]] if per_client else [self.idle_index]
+            return
         batches = [b for c in self.round_clients(round_idx) for b in self.client_batches(c, round_idx)]
         if self.interleave:  # one shuffled stream over all clients' batches (pooled data)
             order = np.random.default_rng([self.seed, round_idx, 7]).permutation(len(batches))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from atlas_pl.profiling import section
 from atlas_pl.split.backbone import ServerOutput, SplitBackbone
 from atlas_pl.split.channel import Channel
 
@@ -58,31 +59,150 @@ def split_forward_backward(
     """
     mask, labels = batch["attention_mask"], batch["labels"]
     task_id = int(batch.get("task_id", 0))
-    backbone.activate(client_adapter, server_adapter)
-    cut = backbone.cut_of(client_adapter)
-    hidden = backbone.client_forward(batch["input_ids"], mask, cut)
-    sent = hidden
-    if backbone.bottleneck is not None and client_adapter in backbone.bottleneck:  # learned noise, before sending
-        sent, penalty, _ = backbone.bottleneck(client_adapter, hidden, mask)
-        (backward or _plain_backward)(penalty)  # the client's own term: λ · the bound on I(h; z)
+    with section("split/client_forward"):
+        backbone.activate(client_adapter, server_adapter)
+        cut = backbone.cut_of(client_adapter)
+        hidden = backbone.client_forward(batch["input_ids"], mask, cut)
+        sent = hidden
+        if backbone.bottleneck is not None and client_adapter in backbone.bottleneck:  # learned noise, before sending
+            sent, penalty, _ = backbone.bottleneck(client_adapter, hidden, mask)
+            (backward or _plain_backward)(penalty)  # the client's own term: λ · the bound on I(h; z)
     if backbone.shape == "u_shaped":  # the labels never leave the client
-        received = channel.send_activations(sent, {"attention_mask": mask}, client_idx)
-        top = backbone.server_hidden(received, mask, cut)
-        head_input = channel.send_head_activations(top, client_idx)
-        out = backbone.head_forward(head_input, mask, labels, server_adapter, task_id)
-        (backward or _plain_backward)(out.loss)  # client: head gradients and ∂L/∂top
+        with section("split/channel"):
+            received = channel.send_activations(sent, {"attention_mask": mask}, client_idx)
+        with section("split/server"):
+            top = backbone.server_hidden(received, mask, cut)
+        with section("split/channel"):
+            head_input = channel.send_head_activations(top, client_idx)
+        with section("split/client_head"):
+            out = backbone.head_forward(head_input, mask, labels, server_adapter, task_id)
+            (backward or _plain_backward)(out.loss)  # client: head gradients and ∂L/∂top
         assert head_input.grad is not None
-        torch.autograd.backward(top, channel.send_head_gradients(head_input.grad, client_idx))  # server's blocks
+        with section("split/channel"):
+            head_grad = channel.send_head_gradients(head_input.grad, client_idx)
+        with section("split/server"):
+            torch.autograd.backward(top, head_grad)  # server's blocks
     else:
-        received = channel.send_activations(sent, {"attention_mask": mask, "labels": labels}, client_idx)
-        out = backbone.server_forward(received, mask, labels, server_adapter, task_id, cut)
-        (backward or _plain_backward)(out.loss)
+        with section("split/channel"):
+            received = channel.send_activations(sent, {"attention_mask": mask, "labels": labels}, client_idx)
+        with section("split/server"):
+            out = backbone.server_forward(received, mask, labels, server_adapter, task_id, cut)
+            (backward or _plain_backward)(out.loss)
     if received.grad is None:
         raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
-    grad = channel.send_gradients(received.grad, client_idx)
+    with section("split/channel"):
+        grad = channel.send_gradients(received.grad, client_idx)
     # The gradient is already in the loss's (possibly scaled) units, so plain autograd continues it unchanged.
-    if client_backward is None:
-        torch.autograd.backward(sent, grad)
-    else:
-        client_backward(sent, grad)
+    with section("split/client_backward"):
+        if client_backward is None:
+            torch.autograd.backward(sent, grad)
+        else:
+            client_backward(sent, grad)
     return out
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """``tensor`` right-padded along dim 1 to ``width`` with ``value``."""
+    if tensor.shape[1] == width:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 2) + [0, width - tensor.shape[1]]
+    return torch.nn.functional.pad(tensor, pad, value=value)
+
+
+def split_group_forward_backward(
+    backbone: SplitBackbone,
+    channel: Channel,
+    batches: list[dict],
+    members: list[tuple[str, str, int]],
+    backward: Backward | None = None,
+    client_backwards: list[ClientBackward | None] | None = None,
+    batched: bool = True,
+) -> list[ServerOutput]:
+    """One split step of several clients at once; the server runs each group sharing a server adapter as one batch.
+
+    Every member ``(client_adapter, server_adapter, client_idx)`` runs its client half on its own batch and sends its
+    activations. The server then takes the members with the same server adapter and cut layer together: their
+    activations are right-padded to the longest sequence and concatenated along the batch, the server blocks run
+    once, each member's head and loss run on its own rows (its task head), and one backward of the sum of the
+    members' losses fills the server adapter's gradients (their sum) and every member's ``∂L_i/∂h_i``, which go back
+    to the members for their client backward. Padding rows and positions are masked, so the result equals running
+    the members one at a time and summing their server gradients (``batched=False`` does exactly that; equal up to
+    float rounding, ``tests/split/test_server_batching.py``), except for dropout, whose masks are drawn for the
+    batch. Two-part splits only.
+
+    Args:
+        backbone: The shared split model.
+        channel: The link that carries (and counts) activations and gradients.
+        backward: How to backpropagate the server loss (as :func:`split_forward_backward`).
+        batches: One batch per member (``input_ids``, ``attention_mask``, ``labels``, optional ``task_id``).
+        members: ``(client_adapter, server_adapter, client_idx)`` per batch.
+        client_backwards: Per member, how it backpropagates ``∂L/∂h`` (``None``: plain autograd).
+        batched: Run each server group as one batch (default) or member by member.
+
+    Returns:
+        Every member's :class:`ServerOutput` (its own loss, correctness and target count).
+    """
+    if backbone.shape != "two_part":
+        raise ValueError(
+            f"server batching runs two-part splits; split_shape {backbone.shape!r} keeps the head on the clients. "
+            "Fix: data.schedule sequential, or model.split_shape two_part"
+        )
+    if len(batches) != len(members):
+        raise ValueError(f"{len(batches)} batches for {len(members)} members; pass one batch per member")
+    sent: list[torch.Tensor] = []
+    received: list[torch.Tensor] = []
+    cuts: list[int] = []
+    for batch, (client_adapter, server_adapter, idx) in zip(batches, members):
+        mask = batch["attention_mask"]
+        with section("split/client_forward"):
+            backbone.activate(client_adapter, server_adapter)
+            cuts.append(backbone.cut_of(client_adapter))
+            hidden = backbone.client_forward(batch["input_ids"], mask, cuts[-1])
+            if backbone.bottleneck is not None and client_adapter in backbone.bottleneck:
+                hidden, penalty, _ = backbone.bottleneck(client_adapter, hidden, mask)
+                (backward or _plain_backward)(penalty)
+        sent.append(hidden)
+        with section("split/channel"):
+            received.append(channel.send_activations(hidden, {"attention_mask": mask, "labels": batch["labels"]},
+                                                     idx))  # fmt: skip
+    outs: list[ServerOutput | None] = [None] * len(members)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, ((_, server_adapter, _), cut) in enumerate(zip(members, cuts)):
+        groups.setdefault((server_adapter, cut), []).append(i)
+    for (server_adapter, cut), rows in groups.items():
+        with section("split/server"):
+            backbone.activate(members[rows[0]][0], server_adapter)
+            if not batched or len(rows) == 1:
+                for i in rows:
+                    b = batches[i]
+                    outs[i] = backbone.server_forward(received[i], b["attention_mask"], b["labels"], server_adapter,
+                                                      int(b.get("task_id", 0)), cut)  # fmt: skip
+                    (backward or _plain_backward)(outs[i].loss)  # type: ignore[union-attr]
+                continue
+            width = max(received[i].shape[1] for i in rows)
+            hidden = torch.cat([_pad_to(received[i], width, 0.0) for i in rows])
+            mask = torch.cat([_pad_to(batches[i]["attention_mask"], width, 0) for i in rows])
+            top = backbone.server_hidden(hidden, mask, cut)
+            start, total = 0, None
+            for i in rows:
+                b = batches[i]
+                n, t = b["input_ids"].shape
+                out = backbone.head_forward(top[start : start + n, :t], b["attention_mask"], b["labels"],
+                                            server_adapter, int(b.get("task_id", 0)))  # fmt: skip
+                outs[i] = out
+                total = out.loss if total is None else total + out.loss
+                start += n
+            assert total is not None
+            (backward or _plain_backward)(total)
+    for i, (_, _, idx) in enumerate(members):
+        if received[i].grad is None:
+            raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
+        with section("split/channel"):
+            grad = channel.send_gradients(received[i].grad, idx)  # type: ignore[arg-type]
+        with section("split/client_backward"):
+            own = client_backwards[i] if client_backwards is not None else None
+            if own is None:
+                torch.autograd.backward(sent[i], grad)
+            else:
+                own(sent[i], grad)
+    return [o for o in outs if o is not None]
