@@ -42,3 +42,16 @@ def save_png(fig: Any, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_readme_section(readme: Path, key: str, title: str, text: str) -> None:
+    """Replace the text between ``<!-- key:begin -->`` and ``<!-- key:end -->`` in ``readme`` (atomically); without
+    the markers, append them under a ``### title`` heading."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    doc = readme.read_text()
+    if begin in doc and end in doc:
+        pre, rest = doc.split(begin, 1)
+        doc = pre + begin + "\n" + text + end + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip() + f"\n\n### {title}\n\n{begin}\n{text}{end}\n"
+    atomic_write_bytes(readme, doc.encode())

@@ -45,8 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
-from atlas_pl.io import atomic_write_text  # noqa: E402
-from outputs import machine_info, save_png, write_report  # noqa: E402
+from outputs import machine_info, save_png, write_readme_section, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "benchmarks" / "README.md"
@@ -403,14 +402,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 
 
 def write_readme(text: str, workload: str) -> None:
-    begin, end = f"<!-- privacy-{workload}:begin -->", f"<!-- privacy-{workload}:end -->"
-    doc = README.read_text()
-    if begin in doc and end in doc:
-        pre, rest = doc.split(begin, 1)
-        doc = pre + begin + "\n" + text + end + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip() + f"\n\n### Privacy–utility, {workload}\n\n{begin}\n{text}{end}\n"
-    atomic_write_text(README, doc)
+    write_readme_section(README, f"privacy-{workload}", f"Privacy–utility, {workload}", text)
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -8,7 +8,15 @@ def test_activation_bytes_follow_the_wire_format() -> None:
     h = torch.randn(2, 5, 8)
     assert tensor_wire_bytes(h) == 2 * 5 * 8 * 4
     assert tensor_wire_bytes(h, "fp16") == 2 * 5 * 8 * 2
-    assert tensor_wire_bytes(h, "int8") == 2 * 5 * 8 + 4
+    assert tensor_wire_bytes(h, "int8") == 2 * 5 * 8 + 4 * 2 * 5  # one fp32 scale per token vector
+
+
+def test_int8_scales_every_row_on_its_own() -> None:
+    h = torch.tensor([[1000.0, -500.0, 3.0], [0.01, -0.02, 0.005]])
+    back = compress_roundtrip(h, "int8")
+    assert torch.allclose(back[1], h[1], rtol=0, atol=0.02 / 127)  # a per-tensor scale would round row 1 to zeros
+    assert (back[1] != 0).all() and back[0, 0] == 1000.0
+    assert compress_roundtrip(torch.tensor(2.5), "int8") == pytest.approx(2.5, rel=1e-2)
 
 
 @pytest.mark.parametrize(("compression", "tol"), [("none", 0.0), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 2e-2)])

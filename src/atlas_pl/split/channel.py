@@ -97,7 +97,7 @@ class GradientSparsity:
             return dense
         rows = grad.numel() // width
         value = _WIRE_BYTES[compression] or grad.element_size()
-        return min(dense, rows * k * (value + 4) + (4 if compression == "int8" else 0))
+        return min(dense, rows * k * (value + 4) + (4 * rows if compression == "int8" else 0))
 
 
 @dataclass
@@ -168,22 +168,32 @@ class ChannelStats:
 
 
 def tensor_wire_bytes(tensor: torch.Tensor, compression: Compression = "none") -> int:
-    """Bytes a tensor takes on the wire under ``compression`` (int8 adds one fp32 scale)."""
+    """Bytes a tensor takes on the wire under ``compression`` (int8 adds one fp32 scale per row)."""
     width = _WIRE_BYTES[compression]
     if width is None:
         return tensor.numel() * tensor.element_size()
-    return tensor.numel() * width + (4 if compression == "int8" else 0)
+    return tensor.numel() * width + (4 * int8_rows(tensor) if compression == "int8" else 0)
+
+
+def int8_rows(tensor: torch.Tensor) -> int:
+    """Rows of ``tensor`` that int8 gives their own scale: every vector along the last dimension (one per token)."""
+    return max(1, tensor.numel() // tensor.shape[-1]) if tensor.dim() else 1
 
 
 def compress_roundtrip(tensor: torch.Tensor, compression: Compression) -> torch.Tensor:
-    """What the receiver sees after ``tensor`` is encoded in the wire format and decoded back to its dtype."""
+    """What the receiver sees after ``tensor`` is encoded in the wire format and decoded back to its dtype.
+
+    ``int8``: symmetric absmax quantization with one fp32 scale per row (each token's vector along the last
+    dimension), so a token with large activations does not crush the resolution of the others.
+    """
     if compression == "none":
         return tensor
     if compression in ("fp16", "bf16"):
         wire = torch.float16 if compression == "fp16" else torch.bfloat16
         return tensor.to(wire).to(tensor.dtype)
-    scale = tensor.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-    return (tensor / scale).round().clamp(-127, 127).to(torch.int8).to(tensor.dtype) * scale
+    x = tensor.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    return ((x / scale).round().clamp(-127, 127).to(torch.int8).float() * scale).to(tensor.dtype)
 
 
 class Channel:
@@ -191,7 +201,7 @@ class Channel:
 
     Args:
         compression: Wire format of activations and gradients: ``"none"`` (their dtype), ``"fp16"``, ``"bf16"`` or
-            ``"int8"`` (per-tensor absmax quantization).
+            ``"int8"`` (absmax quantization, one fp32 scale per row: 1 byte per entry + 4 per token vector).
         noise: Noise the client adds to the activations before they leave (:class:`ActivationNoise`; default none).
         sparsity: Sparsification of the gradients a U-shaped client returns (:class:`GradientSparsity`; default
             none).
