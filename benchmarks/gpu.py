@@ -95,6 +95,7 @@ class Settings:
     round_seq_len: int = 256
     round_dtype: str = "bfloat16"
     rounds: int = 3
+    server_group: int = 16  # clients per batched server pass in the synchronous rounds
     merge_dims: tuple[int, ...] = (4096, 8192)
     merge_clients: int = 10
     merge_calibration_d: int = 2048
@@ -123,7 +124,7 @@ def make_settings(args: argparse.Namespace, device: str) -> Settings:
     if args.tiny:
         s.model_label, s.model_overrides = "llama-tiny", {}
         s.step_batch, s.step_seq_len, s.answer_len, s.warmup, s.repeats = 2, 16, 4, 1, 3
-        s.round_clients, s.round_batch, s.round_seq_len, s.rounds = 4, 2, 16, 2
+        s.round_clients, s.round_batch, s.round_seq_len, s.rounds, s.server_group = 4, 2, 16, 2, 2
         s.merge_dims, s.merge_clients, s.merge_calibration_d = (64, 128), 4, 32
     for name, value in (("repeats", args.repeats), ("rounds", args.rounds), ("clients", args.clients)):
         if value is not None and value < 1:
@@ -314,6 +315,20 @@ def measure_round(s: Settings) -> dict[str, Any]:
     warm = one_round(fed, batch, client_opts, server_opt, merge, 0)
     rounds = [one_round(fed, batch, client_opts, server_opt, merge, r) for r in range(1, s.rounds + 1)]
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else split_overhead.rss_bytes()
+    # the synchronous schedule: groups of clients step together, the server batched or one client at a time
+    group = max(1, min(s.server_group, n))
+    sync: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for r in range(s.rounds + 1):  # interleaved, the first of each left out as warm-up
+        for batched in (True, False):
+            sync[batched].append(sync_round(fed, batch, client_opts, server_opt, merge, r, batched, group))
+    batching = {
+        "clients_per_server_batch": group,
+        "batched_steps_s": statistics.median(r["steps_s"] for r in sync[True][1:]),
+        "unbatched_steps_s": statistics.median(r["steps_s"] for r in sync[False][1:]),
+        "batched_rounds": sync[True],
+        "unbatched_rounds": sync[False],
+    }
+    batching["steps_ratio"] = batching["batched_steps_s"] / batching["unbatched_steps_s"]
     adapter_bytes = fed.backbone.bank.nbytes(fed.clients[0].client_adapter)
     server_adapter_bytes = fed.backbone.bank.nbytes(fed.clients[0].server_adapter)
     weights = param_bytes(fed.backbone.model, trainable=False)
@@ -342,7 +357,42 @@ def measure_round(s: Settings) -> dict[str, Any]:
         "bytes_up_per_round": rounds[-1]["bytes_up"],
         "bytes_down_per_round": rounds[-1]["bytes_down"],
         "rounds": [warm, *rounds],
+        "server_batching": batching,
     }
+
+
+def sync_round(fed: Any, batch: dict, client_opts: list[Any], server_opt: Any, merge: Any, idx: int, batched: bool,
+               group: int) -> dict[str, Any]:  # fmt: skip
+    """A synchronous round: ``group`` clients at a time take one step together (``split_group_forward_backward``,
+    the server batched or one client at a time, one server AdamW step per group), then the exact merge."""
+    import torch
+
+    from atlas_pl.split.step import split_group_forward_backward
+
+    dev = fed.device.type
+    fed.on_train_epoch_start()
+    losses = []
+    split_overhead.sync(dev)
+    start = time.perf_counter()
+    for first in range(0, len(fed.clients), group):
+        ids = list(range(first, min(first + group, len(fed.clients))))
+        server_opt.zero_grad(set_to_none=True)
+        for i in ids:
+            client_opts[i].zero_grad(set_to_none=True)
+        outs = split_group_forward_backward(fed.backbone, fed.channel, [batch] * len(ids),
+                                            [(fed.clients[i].client_adapter, fed.clients[i].server_adapter, i)
+                                             for i in ids], batched=batched)  # fmt: skip
+        server_opt.step()
+        for i in ids:
+            client_opts[i].step()
+            fed._participants.add(i)
+        losses += [o.loss.detach() for o in outs]
+    split_overhead.sync(dev)
+    steps_end = time.perf_counter()
+    merge.aggregate(fed, idx)
+    split_overhead.sync(dev)
+    return {"steps_s": steps_end - start, "round_s": time.perf_counter() - start,
+            "mean_loss": float(torch.stack(losses).float().mean())}  # fmt: skip
 
 
 def one_round(fed: Any, batch: dict, client_opts: list[Any], server_opt: Any, merge: Any, idx: int) -> dict[str, Any]:
@@ -623,6 +673,10 @@ def print_summary(console: Any, report: dict[str, Any]) -> None:
             fmt(rd["peak_bytes"], MIB),
         )
         console.print(rounds)
+        b = rd["server_batching"]
+        console.print(f"synchronous round, {b['clients_per_server_batch']} clients per server batch: steps "
+                      f"{fmt(b['batched_steps_s'])} s batched vs {fmt(b['unbatched_steps_s'])} s one client at a "
+                      f"time ({b['steps_ratio']:.2f}×)")  # fmt: skip
     merge = Table(title="exact factored merge vs dense SVD (median; error vs float64 Σ p_i s_i B_i A_i)")
     for col in ("d", "n", "R", "method", "median ms", "speedup", "rel. error", "peak MiB", "note"):
         merge.add_column(col, justify="right")

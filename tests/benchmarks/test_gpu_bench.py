@@ -54,6 +54,10 @@ def test_tiny_run_on_cpu_measures_steps_a_round_and_merges(tmp_path: Path) -> No
     assert rd["bytes_up_per_round"] > 0 and rd["bytes_down_per_round"] > 0
     losses = [r["mean_loss"] for r in rd["rounds"]]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]  # the clients train on their batch
+    sync = rd["server_batching"]  # synchronous rounds: 2 clients per server batch, batched vs one at a time
+    assert sync["clients_per_server_batch"] == 2 and sync["steps_ratio"] > 0
+    assert len(sync["batched_rounds"]) == len(sync["unbatched_rounds"]) == 1 + 2
+    assert all(math.isfinite(r["mean_loss"]) for r in sync["batched_rounds"] + sync["unbatched_rounds"])
 
     merges = {(r["d"], r["variant"]): r for r in report["merge"]}
     assert set(merges) == {(d, m) for d in (64, 128) for m in gpu.MERGE_METHODS}
