@@ -54,6 +54,7 @@ README = ROOT / "benchmarks" / "README.md"
 WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (base config, overlay)
     "minilm": ("configs/minilm.yaml", {}),
     "smollm2": ("configs/smollm2.yaml", {}),
+    "demo": ("configs/demo.yaml", {"data": {"num_groups": 1, "tasks_per_group": 1}}),  # the CI test of this script
     "gpt2-small-shape": ("configs/demo.yaml", {"model": {"model": "gpt2-small-shape", "model_overrides": {},
                                                          "lora": {"target_modules": None}}}),  # fmt: skip
 }
@@ -65,19 +66,35 @@ SCHEDULES = {  # name -> (data.schedule, model.server_batching)
 STEPS = ("client", "server", "optimizers")  # the client and server steps; everything else is overhead
 
 
-def overlay(workload: str, clients: int, schedule: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+Cell = dict[str, Any]  # workload, clients, schedule, local_steps, batch_size, max_length
+
+
+def cell(workload: str, clients: int, schedule: str, steps: int, batch: int, length: int, kind: str) -> Cell:
+    return {"workload": workload, "clients": clients, "schedule": schedule, "local_steps": steps, "batch_size": batch,
+            "max_length": length, "kind": kind}  # fmt: skip
+
+
+def config_steps(workload: str) -> tuple[int, int, int]:
+    """The workload config's own ``(local_steps, batch_size, max_length)``."""
+    data = yaml.safe_load((ROOT / WORKLOADS[workload][0]).read_text())["data"]
+    return int(data["local_steps"]), int(data["batch_size"]), int(data["max_length"])
+
+
+def overlay(c: Cell, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """The YAML overlay of one cell on its workload's config."""
-    base = json.loads(json.dumps(WORKLOADS[workload][1]))
-    data_schedule, batching = SCHEDULES[schedule]
-    data: dict[str, Any] = {"num_clients": clients, "local_steps": args.local_steps, "batch_size": args.batch_size,
-                            "max_length": args.max_length, "schedule": data_schedule,
+    base = json.loads(json.dumps(WORKLOADS[c["workload"]][1]))
+    data_schedule, batching = SCHEDULES[c["schedule"]]
+    data: dict[str, Any] = {"num_clients": c["clients"], "local_steps": c["local_steps"], "batch_size": c["batch_size"],
+                            "max_length": c["max_length"], "schedule": data_schedule,
                             "max_val_examples_per_client": args.val_examples}  # fmt: skip
-    if workload == "gpt2-small-shape":
-        data["examples_per_client"] = 2 * args.batch_size * args.local_steps
+    train = c["batch_size"] * c["local_steps"]
+    if c["workload"] == "gpt2-small-shape":
+        data["examples_per_client"] = 2 * train
     else:  # real tasks: enough examples per client for its steps and validation, no more (faster setup)
-        data["max_examples_per_client"] = 2 * args.batch_size * args.local_steps + args.val_examples
+        data["max_examples_per_client"] = 2 * train + args.val_examples
         data["max_eval_examples_per_client"] = args.val_examples
-    model = {**base.get("model", {}), "num_clients": clients, "share": "server", "server_batching": batching}
+    data = {**base.get("data", {}), **data}
+    model = {**base.get("model", {}), "num_clients": c["clients"], "share": "server", "server_batching": batching}
     return {
         "model": model,
         "data": data,
@@ -95,12 +112,12 @@ def overlay(workload: str, clients: int, schedule: str, args: argparse.Namespace
     }
 
 
-def run_cell(workload: str, clients: int, schedule: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_cell(c: Cell, args: argparse.Namespace) -> dict[str, Any]:
     """One fit; the median seconds per part over the rounds after the first, and the cell's settings."""
     with tempfile.TemporaryDirectory(prefix="round_profile_") as tmp:
         folder = Path(tmp)
-        (folder / "overlay.yaml").write_text(yaml.safe_dump(overlay(workload, clients, schedule, args, folder)))
-        cmd = [str(Path(sys.executable).with_name("atlas-pl")), "fit", "--config", WORKLOADS[workload][0],
+        (folder / "overlay.yaml").write_text(yaml.safe_dump(overlay(c, args, folder)))
+        cmd = [str(Path(sys.executable).with_name("atlas-pl")), "fit", "--config", WORKLOADS[c["workload"]][0],
                "--config", str(folder / "overlay.yaml")]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
@@ -108,7 +125,7 @@ def run_cell(workload: str, clients: int, schedule: str, args: argparse.Namespac
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise RuntimeError(f"{workload} / {clients} clients / {schedule} failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{c} failed:\n{proc.stderr[-3000:]}")
         profile = json.loads((folder / "fit-profile.rounds.json").read_text())
         last = json.loads(next((folder / "logs").rglob("results.json")).read_text())["history"][-1]
     rounds = profile["rounds"][1:] if len(profile["rounds"]) > 1 else profile["rounds"]
@@ -116,7 +133,7 @@ def run_cell(workload: str, clients: int, schedule: str, args: argparse.Namespac
     steps = sum(med[p] for p in STEPS)
     training = med["round"] - med["evaluation"]
     return {
-        "workload": workload, "clients": clients, "schedule": schedule, "rounds_measured": len(rounds),
+        **c, "rounds_measured": len(rounds),
         **{f"s_{p}": med[p] for p in (*PARTS, "round")},
         "steps_share": steps / training, "overhead_share": (training - steps) / training,
         "evaluation_share": med["evaluation"] / med["round"], "wall_seconds": wall,
@@ -126,13 +143,17 @@ def run_cell(workload: str, clients: int, schedule: str, args: argparse.Namespac
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--models", nargs="+", default=["minilm", "smollm2", "gpt2-small-shape"], choices=list(WORKLOADS))
     p.add_argument("--clients", nargs="+", type=int, default=[12, 48, 192])
     p.add_argument("--schedules", nargs="+", default=["sequential"], choices=list(SCHEDULES))
     p.add_argument("--batching-clients", nargs="+", type=int, default=[48],
                    help="client counts at which every schedule of --batching-schedules also runs")  # fmt: skip
-    p.add_argument("--batching-schedules", nargs="+", default=["synchronous", "synchronous_unbatched"],
+    p.add_argument("--batching-schedules", nargs="+", default=["sequential", "synchronous", "synchronous_unbatched"],
                    choices=list(SCHEDULES))  # fmt: skip
+    p.add_argument("--config-clients", type=int, default=12,
+                   help="clients of the cells at each config's local steps, batch and length (0: none)")  # fmt: skip
+    p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128],
+                   help="sequence lengths of the first model's length sweep at --config-clients clients")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="rounds per cell; the first is left out as warm-up")
     p.add_argument("--local-steps", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4)
@@ -143,53 +164,73 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cells(args: argparse.Namespace) -> list[tuple[str, int, str]]:
-    todo = [(m, n, s) for m in args.models for n in args.clients for s in args.schedules]
-    todo += [(m, n, s) for m in args.models for n in args.batching_clients for s in args.batching_schedules]
-    return list(dict.fromkeys(todo))
+def cells(args: argparse.Namespace) -> list[Cell]:
+    small = (args.local_steps, args.batch_size, args.max_length)
+    todo = [cell(m, n, s, *small, "clients") for m in args.models for n in args.clients for s in args.schedules]
+    todo += [cell(m, n, s, *small, "batching") for m in args.models for n in args.batching_clients
+             for s in args.batching_schedules]  # fmt: skip
+    if args.config_clients:
+        todo += [cell(m, args.config_clients, "sequential", *config_steps(m), "config") for m in args.models]
+        todo += [cell(args.models[0], args.config_clients, "sequential", args.local_steps, args.batch_size, t, "length")
+                 for t in args.lengths]  # fmt: skip
+    seen: dict[str, Cell] = {}
+    for c in todo:  # one run per distinct setting (a cell of several tables runs once)
+        key = json.dumps({k: v for k, v in c.items() if k != "kind"}, sort_keys=True)
+        seen.setdefault(key, c)
+    return list(seen.values())
+
+
+def same_setting(a: Cell, b: Cell) -> bool:
+    return all(a[k] == b[k] for k in ("workload", "clients", "schedule", "local_steps", "batch_size", "max_length"))
 
 
 def batching_rows(rows: list[dict]) -> list[dict[str, Any]]:
     """Per workload and client count with both synchronous schedules: the round-time ratio batched / one at a time."""
     out = []
-    index = {(r["workload"], r["clients"], r["schedule"]): r for r in rows}
-    for (w, n, s), r in index.items():
-        alone = index.get((w, n, "synchronous_unbatched"))
-        if s != "synchronous" or alone is None:
+    for r in rows:
+        if r["schedule"] != "synchronous":
             continue
-        seq = index.get((w, n, "sequential"))
-        out.append({"workload": w, "clients": n, "server_s_batched": r["s_server"],
+        alone = next((x for x in rows if same_setting(x, {**r, "schedule": "synchronous_unbatched"})), None)
+        seq = next((x for x in rows if same_setting(x, {**r, "schedule": "sequential"})), None)
+        if alone is None:
+            continue
+        out.append({"workload": r["workload"], "clients": r["clients"], "server_s_batched": r["s_server"],
                     "server_s_unbatched": alone["s_server"], "round_s_batched": r["s_round"],
                     "round_s_unbatched": alone["s_round"], "round_ratio": r["s_round"] / alone["s_round"],
                     "server_ratio": r["s_server"] / alone["s_server"],
-                    "round_s_sequential": seq["s_round"] if seq else None})  # fmt: skip
+                    "round_s_sequential": seq["s_round"] if seq else None,
+                    "overhead_sequential": seq["overhead_share"] if seq else None,
+                    "overhead_synchronous": r["overhead_share"]})  # fmt: skip
     return out
 
 
 def markdown(rows: list[dict], batching: list[dict], command: str, args: argparse.Namespace) -> str:
-    head = ["workload", "clients", "schedule", "s / round", *PARTS, "steps", "overhead", "evaluation"]
-    lines = [f"`{command}` — {args.local_steps} local step(s) of {args.batch_size} × {args.max_length} tokens per "
-             f"client, {args.val_examples} validation examples per client, median of rounds 2–{args.rounds}; "
+    head = ["workload", "clients", "schedule", "steps × B × T", "s / round", *PARTS, "steps", "overhead", "evaluation"]
+    lines = [f"`{command}` — {args.val_examples} validation examples per client, median of rounds 2–{args.rounds}; "
              "parts in % of the round, `steps` = client + server + optimizers and `overhead` = everything else but "
              "evaluation, both in % of the round without evaluation:", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["workload"], r["local_steps"] * r["batch_size"] * r["max_length"],
+                                          r["clients"], r["schedule"])):  # fmt: skip
         total = r["s_round"]
-        cells = [r["workload"], str(r["clients"]), r["schedule"], f"{total:.2f}"]
-        cells += [f"{100 * r[f's_{p}'] / total:.1f}" for p in PARTS]
-        cells += [f"{100 * r['steps_share']:.1f}", f"**{100 * r['overhead_share']:.1f}**",
-                  f"{100 * r['evaluation_share']:.1f}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_ = [r["workload"], str(r["clients"]), r["schedule"], f"{r['local_steps']} × {r['batch_size']} × "
+                  f"{r['max_length']}", f"{total:.2f}"]  # fmt: skip
+        cells_ += [f"{100 * r[f's_{p}'] / total:.1f}" for p in PARTS]
+        cells_ += [f"{100 * r['steps_share']:.1f}", f"**{100 * r['overhead_share']:.1f}**",
+                   f"{100 * r['evaluation_share']:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells_) + " |")
     if batching:
         lines += ["", "Server batching (synchronous schedule, one server adapter; batched vs one client at a time, the "
                   "same result):", "", "| workload | clients | server s / round: batched | one at a time | ratio | "
-                  "round s: batched | one at a time | ratio | sequential schedule: round s |", "|---|---|---|---|---|"
-                  "---|---|---|---|"]  # fmt: skip
+                  "round s: batched | one at a time | ratio | sequential schedule: round s | overhead: sequential | "
+                  "synchronous |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for b in batching:
             seq = f"{b['round_s_sequential']:.2f}" if b["round_s_sequential"] is not None else "–"
+            ovs = f"{100 * b['overhead_sequential']:.1f} %" if b["overhead_sequential"] is not None else "–"
             lines.append(f"| {b['workload']} | {b['clients']} | {b['server_s_batched']:.2f} | "
                          f"{b['server_s_unbatched']:.2f} | {b['server_ratio']:.2f}× | {b['round_s_batched']:.2f} | "
-                         f"{b['round_s_unbatched']:.2f} | {b['round_ratio']:.2f}× | {seq} |")  # fmt: skip
+                         f"{b['round_s_unbatched']:.2f} | {b['round_ratio']:.2f}× | {seq} | {ovs} | "
+                         f"{100 * b['overhead_synchronous']:.1f} % |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +241,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
-    labels = [f"{r['workload']} · {r['clients']} · {r['schedule']}" for r in rows]
+    labels = [f"{r['workload']} · {r['clients']} · {r['schedule']} · {r['local_steps']}×{r['batch_size']}×"
+              f"{r['max_length']}" for r in rows]
     left = [0.0] * len(rows)
     colors = plt.get_cmap("tab20").colors
     for k, p in enumerate(PARTS):
@@ -224,20 +266,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console = Console()
     rows = []
     cache_path = args.out / "round_profile_cells.jsonl"  # finished cells of these settings: a rerun skips them
-    key = {k: v for k, v in vars(args).items() if k in ("rounds", "local_steps", "batch_size", "max_length",
-                                                       "val_examples")}  # fmt: skip
+    key = {"rounds": args.rounds, "val_examples": args.val_examples}
     cached = [json.loads(line) for line in cache_path.read_text().splitlines()] if cache_path.exists() else []
-    for workload, clients, schedule in cells(args):
-        hit = [c["row"] for c in cached if c["settings"] == key and (c["row"]["workload"], c["row"]["clients"],
-               c["row"]["schedule"]) == (workload, clients, schedule)]  # fmt: skip
+    for c in cells(args):
+        hit = [x["row"] for x in cached if x["settings"] == key and same_setting(x["row"], c)]
         if hit:
-            rows.append(hit[-1])
+            rows.append({**hit[-1], "kind": c["kind"]})
             continue
-        row = run_cell(workload, clients, schedule, args)
+        row = run_cell(c, args)
         args.out.mkdir(parents=True, exist_ok=True)
         with cache_path.open("a") as f:
             f.write(json.dumps({"settings": key, "row": row}) + "\n")
-        console.print(f"{workload} · {clients} clients · {schedule}: {row['s_round']:.2f} s / round, steps "
+        console.print(f"{c['workload']} · {c['clients']} clients · {c['schedule']} · {c['local_steps']}×"
+                      f"{c['batch_size']}×{c['max_length']}: {row['s_round']:.2f} s / round, steps "
                       f"{100 * row['steps_share']:.1f} %, overhead {100 * row['overhead_share']:.1f} %, evaluation "
                       f"{100 * row['evaluation_share']:.1f} % (fit {row['wall_seconds']:.0f} s)")  # fmt: skip
         rows.append(row)

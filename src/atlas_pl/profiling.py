@@ -116,6 +116,9 @@ _RULES: tuple[tuple[str, str], ...] = (  # (substring of the action name, part);
 )
 
 
+_FIT_END = (".on_train_end", ".on_fit_end", ".teardown")  # hooks after the last round's own work (not counted)
+
+
 def part_of(action: str, parent: str | None) -> str:
     """The part of a round an action's own time belongs to: by its name, else its enclosing action's part."""
     for key, part in _RULES:
@@ -140,8 +143,9 @@ class RoundProfiler(_SimpleProfiler):  # type: ignore[misc,valid-type]
     checkpoint writing to ``checkpoint``, round logging, results and progress bars to ``logging``, batch fetching to
     ``data``, and the loop itself to ``other``; an action with no rule of its own takes its enclosing action's part
     (a callback's ``on_after_backward`` inside the server's backward is server time). A round ends when Lightning's
-    ``run_training_epoch`` action ends (validation runs inside it); what runs between two rounds counts to the
-    earlier one, what runs before the first (phases 1 and 2 in ``on_fit_start``) to :attr:`before_rounds`.
+    ``run_training_epoch`` action ends (validation runs inside it); what runs between two rounds (the round-end hooks:
+    checkpoint, results) counts to the earlier one, what runs after the last one up to ``on_train_end`` to the last
+    one, what runs before the first (phases 1 and 2 in ``on_fit_start``) to :attr:`before_rounds`.
 
     Args:
         dirpath, filename: As ``SimpleProfiler``; with a ``filename`` the per-round breakdown is also written as
@@ -160,10 +164,15 @@ class RoundProfiler(_SimpleProfiler):  # type: ignore[misc,valid-type]
         self._stack: list[tuple[str, str]] = []  # (action, part) of the running actions, outermost first
         self._nested: list[float] = []  # time of the actions nested in each running action
         self._bucket: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+        self._tail: bool | None = False  # True between a round's end and the next action that starts a round or ends
 
     def start(self, action_name: str) -> None:  # noqa: D102
-        if action_name == "run_training_epoch" and not self._stack:
-            self._close_bucket(into_last=True)
+        if not self._stack:
+            if action_name == "run_training_epoch":  # what ran since the last round (or before the first) is closed
+                self._close_bucket(into_last=True)
+            elif self._tail and any(k in action_name for k in _FIT_END):  # the fit ends: the last round is complete
+                self._close_bucket(into_last=True)
+                self._tail = None  # what follows is not a round's
         super().start(action_name)
         parent = self._stack[-1][1] if self._stack else None
         self._stack.append((action_name, part_of(action_name, parent)))
@@ -177,16 +186,20 @@ class RoundProfiler(_SimpleProfiler):  # type: ignore[misc,valid-type]
             return
         _, part = self._stack.pop(at)
         nested = self._nested.pop(at)
-        self._bucket[part] += max(0.0, duration - nested)
+        if self._tail is not None:  # after the fit's end nothing is counted (``_tail`` is None)
+            self._bucket[part] += max(0.0, duration - nested)
         if at > 0:
             self._nested[at - 1] += duration
         if action_name == "run_training_epoch" and not self._stack:
             self._close_bucket(into_last=False)
+            self._tail = True
 
     def _close_bucket(self, into_last: bool) -> None:
         bucket, self._bucket = self._bucket, dict.fromkeys(PARTS, 0.0)
         if not into_last:  # a round just ended
             self.rounds.append({**bucket, "round": sum(bucket.values())})
+            return
+        if self._tail is None:
             return
         target = self.rounds[-1] if self.rounds else self.before_rounds  # between rounds: the earlier one's; else setup
         for part, seconds in bucket.items():
@@ -213,6 +226,9 @@ class RoundProfiler(_SimpleProfiler):  # type: ignore[misc,valid-type]
         return out + os.linesep + head + os.linesep + os.linesep.join(rows) + os.linesep
 
     def teardown(self, stage: str | None) -> None:  # noqa: D102
+        if self._tail:
+            self._close_bucket(into_last=True)
+        self._tail = None
         if self.filename and self.rounds and self.dirpath is not None:
             os.makedirs(self.dirpath, exist_ok=True)
             path = os.path.join(str(self.dirpath), self._prepare_filename(extension=".rounds.json"))
