@@ -66,7 +66,7 @@ def test_training_loss_falls_by_nats_when_a_client_fits_its_own_examples(fast_tr
     dm = FederatedDataModule(**tiny_data_kwargs(num_clients=1, num_groups=1, tasks_per_group=1, examples_per_client=16,
                                                 local_steps=10))  # fmt: skip
     steps = StepLosses()
-    kwargs = {**fast_trainer_kwargs, "limit_val_batches": 0}
+    kwargs = {**fast_trainer_kwargs, "limit_val_batches": 0, "log_every_n_steps": 1}  # train_loss of every step
     L.Trainer(max_epochs=3, callbacks=[steps], **kwargs).fit(fed, datamodule=dm)
     assert len(steps.losses) == 30
     first, last = sum(steps.losses[:3]) / 3, sum(steps.losses[-3:]) / 3
