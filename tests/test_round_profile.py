@@ -49,3 +49,20 @@ def test_each_round_is_split_into_parts_that_add_up_to_lightnings_epoch_time(tmp
     assert med["round"] > 0 and "Round profile" in profiler.summary()
     written = json.loads((tmp_path / "fit-profile.rounds.json").read_text())
     assert written["parts"] == list(PARTS) and len(written["rounds"]) == 3
+
+
+def test_validation_every_second_round_and_on_a_fixed_sample_of_examples(tmp_path) -> None:
+    """The two evaluation budgets of a long run: Lightning's ``check_val_every_n_epoch`` and
+    ``data.max_val_examples_per_client``; the round history keeps the validated rounds only."""
+    L.seed_everything(0, verbose=False)
+    fed = Federation(**tiny_federation_kwargs())
+    dm = FederatedDataModule(**tiny_data_kwargs(max_val_examples_per_client=2))
+    dm.setup()
+    assert [len(d) for d in dm.val_datasets] == [5, 5, 5, 5]  # 24 examples x 0.2
+    assert sum(len(b["input_ids"]) for b in dm.val_dataloader()) == 4 * 2  # the first 2 of every client
+    assert sum(len(b["input_ids"]) for b in dm.test_dataloader()) > 4 * 2  # test is never capped
+    L.Trainer(max_epochs=4, check_val_every_n_epoch=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
+              default_root_dir=tmp_path).fit(fed, datamodule=dm)  # fmt: skip
+    assert [h["round"] for h in fed.history] == [1, 3]
+    assert all(math.isfinite(h["val_loss"]) for h in fed.history)

@@ -436,6 +436,9 @@ def with_round_checkpoint(callbacks: list[Any], config: dict[str, Any]) -> list[
                 UserWarning,
                 stacklevel=2,
             )
+    for c in checkpoints:  # a configured RoundCheckpoint (e.g. `asynchronous: true`) writes where `last` looks
+        if isinstance(c, RoundCheckpoint) and c.dirpath is None:
+            c.dirpath = default_checkpoint_dir(config)
     if checkpoints:
         return callbacks
     return [*callbacks, RoundCheckpoint(dirpath=default_checkpoint_dir(config))]

@@ -149,3 +149,31 @@ def test_stale_temporaries_of_a_killed_write_are_removed_at_setup_and_never_resu
 def test_bad_arguments_name_the_argument(kwargs, needle) -> None:
     with pytest.raises(ValueError, match=needle):
         RoundCheckpoint(**kwargs)
+
+
+def test_an_asynchronous_writer_saves_every_round_in_the_background_and_fit_waits_for_the_last(tmp_path) -> None:
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    class Mutate(Callback):  # training goes on while a write may be in flight: the write must hold its own copy
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            with torch.no_grad():
+                pl_module.layer.weight.add_(100.0)
+
+    checkpoint = RoundCheckpoint(dirpath=str(tmp_path / "ckpt"), asynchronous=True)
+    trainer = _trainer(tmp_path, [checkpoint, Mutate()], max_epochs=3)
+    model = TinyRegressor()
+    seen: list[torch.Tensor] = []
+
+    class Snapshot(Callback):  # the weights at each round's end, in the order the writes are asked for
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            seen.append(pl_module.layer.weight.detach().clone())
+
+    trainer.callbacks.insert(0, Snapshot())
+    trainer.fit(model, _loader(), _loader())
+    assert isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO)
+    assert isinstance(trainer.strategy.checkpoint_io.checkpoint_io, AtomicCheckpointIO)
+    assert [w["round"] for w in checkpoint.writes] == [0, 1, 2] and all(w["asynchronous"] for w in checkpoint.writes)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2  # fit returned after the final write completed
+    torch.testing.assert_close(last["state_dict"]["layer.weight"], seen[-1])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]

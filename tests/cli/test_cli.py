@@ -181,3 +181,14 @@ def test_a_u_shaped_split_runs_every_atlas_phase_from_yaml_with_the_head_on_the_
     assert results["hparams"]["split_shape"] == "u_shaped" and len(results["history"]) == 2
     assert traffic["head_activations_down"] == traffic["head_gradients_up"] > 0  # the head ran on the clients
     assert (tmp_path / "logs" / "demo" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_configured_asynchronous_round_checkpoint_writes_where_last_resumes_from(tmp_path, in_repo) -> None:
+    overlay = tmp_path / "async.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: atlas_pl.callbacks.RoundCheckpoint\n"
+                       "      init_args: {asynchronous: true}\n")  # fmt: skip
+    main([*_demo_args(tmp_path, "--trainer.max_epochs", "1"), "--config", str(overlay)])
+    assert (tmp_path / "logs" / "demo" / "checkpoints" / "last.ckpt").exists()
+    main([*_demo_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"), "--config", str(overlay)])
+    resumed = sorted((tmp_path / "logs").rglob("results.json"))[-1]
+    assert [h["round"] for h in json.loads(resumed.read_text())["history"]] == [0, 1]

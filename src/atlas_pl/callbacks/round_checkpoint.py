@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -47,6 +47,11 @@ class RoundCheckpoint(ModelCheckpoint):
         verbose: Print a line per write.
         make_io_atomic: Replace a plain ``TorchCheckpointIO`` (Lightning's default) with ``AtomicCheckpointIO`` (same
             file format) at ``setup``; custom checkpoint IO plugins are left alone.
+        asynchronous: Write in a background thread (Lightning's ``AsyncCheckpointIO`` around the atomic writer): the
+            round waits only for the checkpoint dict and a copy of its tensors, the serialization, write and fsync
+            overlap the next round. ``fit`` waits for the last write before it returns. A kill during a write still
+            leaves the previous ``last.ckpt`` (the write is atomic), which can then be a round older than the last
+            finished one. ``checkpoint/write_seconds`` is then the time the round waited.
 
     Raises:
         ValueError: ``every_n_epochs`` < 1 or ``save_top_k`` < -1.
@@ -62,6 +67,7 @@ class RoundCheckpoint(ModelCheckpoint):
         filename: str | None = None,
         verbose: bool = False,
         make_io_atomic: bool = True,
+        asynchronous: bool = False,
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be an int >= 1 (rounds between writes), got {every_n_epochs!r}")
@@ -79,6 +85,7 @@ class RoundCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=True,
         )
         self.make_io_atomic = make_io_atomic
+        self.asynchronous = asynchronous
         self.writes: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ policy
@@ -94,7 +101,9 @@ class RoundCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         io = trainer.strategy.checkpoint_io
         if self.make_io_atomic and type(io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            io = trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.asynchronous and not isinstance(io, AsyncCheckpointIO):
+            trainer.strategy.checkpoint_io = AsyncCheckpointIO(io)
         if trainer.is_global_zero and stage == "fit" and self.dirpath is not None:
             for path in remove_stale_temporaries(self.dirpath):
                 rank_zero_info(f"removed {path.name}: a checkpoint write that was killed before it completed")
@@ -118,11 +127,14 @@ class RoundCheckpoint(ModelCheckpoint):
         seconds = time.perf_counter() - start
         if not trainer.is_global_zero:
             return
-        size = os.path.getsize(filepath) if os.path.exists(filepath) else 0
+        # written in the background: the file there now may still be the previous one, so no size is read
+        size = os.path.getsize(filepath) if os.path.exists(filepath) and not self.asynchronous else 0
         record = {"round": int(trainer.current_epoch), "file": os.path.basename(filepath), "seconds": seconds,
-                  "bytes": size}  # fmt: skip
+                  "bytes": size, "asynchronous": self.asynchronous}  # fmt: skip
         self.writes.append(record)
-        metrics = {"checkpoint/write_seconds": seconds, "checkpoint/megabytes": size / 1e6}
+        metrics = {"checkpoint/write_seconds": seconds}
+        if not self.asynchronous:
+            metrics["checkpoint/megabytes"] = size / 1e6
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=int(trainer.current_epoch))
         if self.verbose:
