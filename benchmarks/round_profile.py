@@ -69,9 +69,10 @@ STEPS = ("client", "server", "optimizers")  # the client and server steps; every
 Cell = dict[str, Any]  # workload, clients, schedule, local_steps, batch_size, max_length
 
 
-def cell(workload: str, clients: int, schedule: str, steps: int, batch: int, length: int, kind: str) -> Cell:
+def cell(workload: str, clients: int, schedule: str, steps: int, batch: int, length: int, kind: str,
+         checkpoint: str = "sync") -> Cell:  # fmt: skip
     return {"workload": workload, "clients": clients, "schedule": schedule, "local_steps": steps, "batch_size": batch,
-            "max_length": length, "kind": kind}  # fmt: skip
+            "max_length": length, "checkpoint": checkpoint, "kind": kind}  # fmt: skip
 
 
 def config_steps(workload: str) -> tuple[int, int, int]:
@@ -95,6 +96,10 @@ def overlay(c: Cell, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         data["max_eval_examples_per_client"] = args.val_examples
     data = {**base.get("data", {}), **data}
     model = {**base.get("model", {}), "num_clients": c["clients"], "share": "server", "server_batching": batching}
+    exact = {"method": {"class_path": "atlas_pl.algorithms.Exact"}}
+    callbacks: list[dict[str, Any]] = [{"class_path": "atlas_pl.callbacks.ClusterAggregation", "init_args": exact}]
+    if c.get("checkpoint") == "async":
+        callbacks.append({"class_path": "atlas_pl.callbacks.RoundCheckpoint", "init_args": {"asynchronous": True}})
     return {
         "model": model,
         "data": data,
@@ -102,8 +107,7 @@ def overlay(c: Cell, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "max_epochs": args.rounds,
             "enable_progress_bar": False,
             "num_sanity_val_steps": 0,
-            "callbacks": [{"class_path": "atlas_pl.callbacks.ClusterAggregation",
-                           "init_args": {"method": {"class_path": "atlas_pl.algorithms.Exact"}}}],  # fmt: skip
+            "callbacks": callbacks,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(folder / "logs"), "name": "profile"}},  # fmt: skip
             "profiler": {"class_path": "atlas_pl.profiling.RoundProfiler",
@@ -154,6 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="clients of the cells at each config's local steps, batch and length (0: none)")  # fmt: skip
     p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128],
                    help="sequence lengths of the first model's length sweep at --config-clients clients")  # fmt: skip
+    p.add_argument("--lean-clients", nargs="+", type=int, default=[48],
+                   help="client counts of the cells with synchronous steps and an asynchronous checkpoint")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="rounds per cell; the first is left out as warm-up")
     p.add_argument("--local-steps", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4)
@@ -169,6 +175,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
     todo = [cell(m, n, s, *small, "clients") for m in args.models for n in args.clients for s in args.schedules]
     todo += [cell(m, n, s, *small, "batching") for m in args.models for n in args.batching_clients
              for s in args.batching_schedules]  # fmt: skip
+    todo += [cell(m, n, "synchronous", *small, "lean", "async") for m in args.models for n in args.lean_clients]
     if args.config_clients:
         todo += [cell(m, args.config_clients, "sequential", *config_steps(m), "config") for m in args.models]
         todo += [cell(args.models[0], args.config_clients, "sequential", args.local_steps, args.batch_size, t, "length")
@@ -181,7 +188,8 @@ def cells(args: argparse.Namespace) -> list[Cell]:
 
 
 def same_setting(a: Cell, b: Cell) -> bool:
-    return all(a[k] == b[k] for k in ("workload", "clients", "schedule", "local_steps", "batch_size", "max_length"))
+    keys = ("workload", "clients", "schedule", "local_steps", "batch_size", "max_length")
+    return all(a[k] == b[k] for k in keys) and a.get("checkpoint", "sync") == b.get("checkpoint", "sync")
 
 
 def batching_rows(rows: list[dict]) -> list[dict[str, Any]]:
@@ -205,16 +213,17 @@ def batching_rows(rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict], batching: list[dict], command: str, args: argparse.Namespace) -> str:
-    head = ["workload", "clients", "schedule", "steps × B × T", "s / round", *PARTS, "steps", "overhead", "evaluation"]
+    head = ["workload", "clients", "schedule", "checkpoint", "steps × B × T", "s / round", *PARTS, "steps", "overhead",
+            "evaluation"]  # fmt: skip
     lines = [f"`{command}` — {args.val_examples} validation examples per client, median of rounds 2–{args.rounds}; "
              "parts in % of the round, `steps` = client + server + optimizers and `overhead` = everything else but "
              "evaluation, both in % of the round without evaluation:", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["workload"], r["local_steps"] * r["batch_size"] * r["max_length"],
-                                          r["clients"], r["schedule"])):  # fmt: skip
+                                          r["clients"], r["schedule"], r.get("checkpoint", "sync"))):  # fmt: skip
         total = r["s_round"]
-        cells_ = [r["workload"], str(r["clients"]), r["schedule"], f"{r['local_steps']} × {r['batch_size']} × "
-                  f"{r['max_length']}", f"{total:.2f}"]  # fmt: skip
+        cells_ = [r["workload"], str(r["clients"]), r["schedule"], r.get("checkpoint", "sync"),
+                  f"{r['local_steps']} × {r['batch_size']} × {r['max_length']}", f"{total:.2f}"]  # fmt: skip
         cells_ += [f"{100 * r[f's_{p}'] / total:.1f}" for p in PARTS]
         cells_ += [f"{100 * r['steps_share']:.1f}", f"**{100 * r['overhead_share']:.1f}**",
                    f"{100 * r['evaluation_share']:.1f}"]  # fmt: skip
