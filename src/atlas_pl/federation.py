@@ -113,6 +113,9 @@ class Federation(L.LightningModule):
             gradients summed — the same result up to float rounding (dropout aside), slower. Either way the shared
             server adapter takes one optimizer step per local step (see
             ``atlas_pl.split.step.split_group_forward_backward``). No effect on the sequential schedule.
+        server_batch_size: At most this many sequences per batched server pass (``None``: every client of a group
+            at once); a larger group runs as several passes of clients with similar sequence lengths. Bounds the
+            server's activation memory; the result is the same.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Federation(L.LightningModule):
         dp_sgd: DPSGD | None = None,
         bottleneck: BottleneckSpec | None = None,
         server_batching: bool = True,
+        server_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -169,6 +173,10 @@ class Federation(L.LightningModule):
                             bottleneck=asdict(vib) if vib is not None else None)  # fmt: skip
         self.dp_sgd = dp
         self.server_batching = bool(server_batching)
+        if server_batch_size is not None and (isinstance(server_batch_size, bool) or server_batch_size < 1):
+            raise ValueError(f"`server_batch_size` must be an int >= 1 (sequences per server pass) or null, got "
+                             f"{server_batch_size!r}")  # fmt: skip
+        self.server_batch_size = server_batch_size
         self.evaluation = ev
         self.faults = fault_spec
         self.fault_log: list[dict[str, Any]] = []  # every fault: round, client, cluster, reason
@@ -516,6 +524,7 @@ class Federation(L.LightningModule):
             backward=self.manual_backward,
             client_backwards=[c._private_backward if c.dp_sgd is not None else None for c in clients],
             batched=self.server_batching,
+            max_rows=self.server_batch_size,
         )
         with section("split/optimizers"):
             for j in used:

@@ -62,9 +62,10 @@ def _grads(split: SplitBackbone) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in split.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("max_rows", [None, 4])  # 4: passes of [2+2 rows] and [3], by length
 @pytest.mark.parametrize(("name", "task"), [("gpt2-tiny", "causal_lm"), ("llama-tiny", "causal_lm"),
                                             ("bert-tiny", "classification")])  # fmt: skip
-def test_one_server_pass_for_three_clients_equals_their_steps_one_at_a_time(name: str, task: str) -> None:
+def test_one_server_pass_for_three_clients_equals_their_steps_one_at_a_time(name: str, task: str, max_rows) -> None:
     split, members = _setup(name, task)
     batches = [_batch(task, rows, width, seed) for seed, (rows, width) in enumerate([(2, 9), (3, 12), (2, 7)])]
 
@@ -75,7 +76,7 @@ def test_one_server_pass_for_three_clients_equals_their_steps_one_at_a_time(name
     split.zero_grad(set_to_none=True)
 
     channel = InProcessChannel()
-    outs = split_group_forward_backward(split, channel, batches, members, batched=True)
+    outs = split_group_forward_backward(split, channel, batches, members, batched=True, max_rows=max_rows)
     got = _grads(split)
     assert got.keys() == expected.keys()
     assert {k.split("lora_")[1].split(".")[1] for k in got if "lora_" in k} == {"s", "c0", "c1", "c2"}

@@ -117,6 +117,7 @@ def split_group_forward_backward(
     backward: Backward | None = None,
     client_backwards: list[ClientBackward | None] | None = None,
     batched: bool = True,
+    max_rows: int | None = None,
 ) -> list[ServerOutput]:
     """One split step of several clients at once; the server runs each group sharing a server adapter as one batch.
 
@@ -138,6 +139,9 @@ def split_group_forward_backward(
         members: ``(client_adapter, server_adapter, client_idx)`` per batch.
         client_backwards: Per member, how it backpropagates ``∂L/∂h`` (``None``: plain autograd).
         batched: Run each server group as one batch (default) or member by member.
+        max_rows: At most this many sequences per server pass (``None``: a whole group): a larger group runs as
+            several passes of members of similar length, whose server gradients add up (bounds the server's
+            activation memory, and the padding).
 
     Returns:
         Every member's :class:`ServerOutput` (its own loss, correctness and target count).
@@ -169,15 +173,27 @@ def split_group_forward_backward(
     groups: dict[tuple[str, int], list[int]] = {}
     for i, ((_, server_adapter, _), cut) in enumerate(zip(members, cuts)):
         groups.setdefault((server_adapter, cut), []).append(i)
+    passes: list[tuple[str, int, list[int]]] = []
     for (server_adapter, cut), rows in groups.items():
+        if not batched:
+            passes += [(server_adapter, cut, [i]) for i in rows]
+            continue
+        chunk: list[int] = []
+        for i in sorted(rows, key=lambda i: received[i].shape[1]) if max_rows else rows:  # similar lengths together
+            if chunk and max_rows and sum(received[j].shape[0] for j in chunk) + received[i].shape[0] > max_rows:
+                passes.append((server_adapter, cut, chunk))
+                chunk = []
+            chunk.append(i)
+        passes.append((server_adapter, cut, chunk))
+    for server_adapter, cut, rows in passes:
         with section("split/server"):
             backbone.activate(members[rows[0]][0], server_adapter)
-            if not batched or len(rows) == 1:
-                for i in rows:
-                    b = batches[i]
-                    outs[i] = backbone.server_forward(received[i], b["attention_mask"], b["labels"], server_adapter,
-                                                      int(b.get("task_id", 0)), cut)  # fmt: skip
-                    (backward or _plain_backward)(outs[i].loss)  # type: ignore[union-attr]
+            if len(rows) == 1:
+                (i,) = rows
+                b = batches[i]
+                outs[i] = backbone.server_forward(received[i], b["attention_mask"], b["labels"], server_adapter,
+                                                  int(b.get("task_id", 0)), cut)  # fmt: skip
+                (backward or _plain_backward)(outs[i].loss)  # type: ignore[union-attr]
                 continue
             width = max(received[i].shape[1] for i in rows)
             hidden = torch.cat([_pad_to(received[i], width, 0.0) for i in rows])
