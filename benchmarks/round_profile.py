@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="clients of the cells at each config's local steps, batch and length (0: none)")  # fmt: skip
     p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128],
                    help="sequence lengths of the first model's length sweep at --config-clients clients")  # fmt: skip
-    p.add_argument("--lean-clients", nargs="+", type=int, default=[48],
+    p.add_argument("--lean-clients", nargs="*", type=int, default=[48],
                    help="client counts of the cells with synchronous steps and an asynchronous checkpoint")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="rounds per cell; the first is left out as warm-up")
     p.add_argument("--local-steps", type=int, default=1)
