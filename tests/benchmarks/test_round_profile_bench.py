@@ -14,7 +14,8 @@ from atlas_pl.profiling import PARTS  # noqa: E402
 
 
 def test_round_profile_splits_each_cell_and_compares_batched_with_one_at_a_time(tmp_path) -> None:
-    args = ["--models", "demo", "--clients", "4", "--batching-clients", "4", "--config-clients", "0", "--rounds", "2",
+    args = ["--models", "demo", "--clients", "4", "--batching-clients", "4", "--config-clients", "0", "--lean-clients",
+            "--rounds", "2",
             "--out", str(tmp_path)]  # fmt: skip
     report = round_profile.main(args)
     rows = {r["schedule"]: r for r in report["rows"]}
