@@ -57,6 +57,9 @@ def split_forward_backward(
         client_backward: How the client backpropagates the returned ``∂L/∂h`` through its half (``(h, grad)``;
             ``DPSGD.backward`` for per-example clipping and noise); defaults to ``torch.autograd.backward``.
     """
+    if backbone.shape != "u_shaped":  # the two-part step is a group of one
+        member = (client_adapter, server_adapter, client_idx)
+        return split_group_forward_backward(backbone, channel, [batch], [member], backward, [client_backward])[0]
     mask, labels = batch["attention_mask"], batch["labels"]
     task_id = int(batch.get("task_id", 0))
     with section("split/client_forward"):
@@ -67,27 +70,21 @@ def split_forward_backward(
         if backbone.bottleneck is not None and client_adapter in backbone.bottleneck:  # learned noise, before sending
             sent, penalty, _ = backbone.bottleneck(client_adapter, hidden, mask)
             (backward or _plain_backward)(penalty)  # the client's own term: λ · the bound on I(h; z)
-    if backbone.shape == "u_shaped":  # the labels never leave the client
-        with section("split/channel"):
-            received = channel.send_activations(sent, {"attention_mask": mask}, client_idx)
-        with section("split/server"):
-            top = backbone.server_hidden(received, mask, cut)
-        with section("split/channel"):
-            head_input = channel.send_head_activations(top, client_idx)
-        with section("split/client_head"):
-            out = backbone.head_forward(head_input, mask, labels, server_adapter, task_id)
-            (backward or _plain_backward)(out.loss)  # client: head gradients and ∂L/∂top
-        assert head_input.grad is not None
-        with section("split/channel"):
-            head_grad = channel.send_head_gradients(head_input.grad, client_idx)
-        with section("split/server"):
-            torch.autograd.backward(top, head_grad)  # server's blocks
-    else:
-        with section("split/channel"):
-            received = channel.send_activations(sent, {"attention_mask": mask, "labels": labels}, client_idx)
-        with section("split/server"):
-            out = backbone.server_forward(received, mask, labels, server_adapter, task_id, cut)
-            (backward or _plain_backward)(out.loss)
+    # the labels never leave the client
+    with section("split/channel"):
+        received = channel.send_activations(sent, {"attention_mask": mask}, client_idx)
+    with section("split/server"):
+        top = backbone.server_hidden(received, mask, cut)
+    with section("split/channel"):
+        head_input = channel.send_head_activations(top, client_idx)
+    with section("split/client_head"):
+        out = backbone.head_forward(head_input, mask, labels, server_adapter, task_id)
+        (backward or _plain_backward)(out.loss)  # client: head gradients and ∂L/∂top
+    assert head_input.grad is not None
+    with section("split/channel"):
+        head_grad = channel.send_head_gradients(head_input.grad, client_idx)
+    with section("split/server"):
+        torch.autograd.backward(top, head_grad)  # server's blocks
     if received.grad is None:
         raise RuntimeError("the server loss does not depend on the cut activations; check the split model")
     with section("split/channel"):
