@@ -91,7 +91,15 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm_budgets": ("configs/minilm.yaml", {"callbacks": {"RankAllocation": {"budgets": {"peak_at_ranks": [
         2, 4, 8, 16]}}}}),
     "demo": ("configs/demo.yaml", {}),  # synthetic tasks, random weights: exercises the protocol in seconds
+    # tasks of different kinds (classification, extractive QA, two summarization tasks), budgets that bind
+    "smollm2_mixed": ("configs/smollm2_mixed.yaml", {"callbacks": {"RankAllocation": {"budgets": {"peak_at_ranks": [
+        4, 8, 16]}}}}),
 }  # fmt: skip
+# workloads judged by each task's own metric (``score``: accuracy, SQuAD F1, ROUGE-L), grouped by task kind; the
+# others by accuracy, grouped by task group
+BY_KIND = {"smollm2_mixed"}
+PRIMARY = {"classification": "acc", "qa": "f1", "summarization": "rougeL"}
+KIND_OF_TYPE = {"extractive_qa": "qa", "qa": "qa", "summarization": "summarization"}
 # method -> (baseline config, ablation); ablations are applied on top of the baseline config
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "atlas": ("atlas", {}),
@@ -211,16 +219,27 @@ def callback_overrides(workload: str, method: str, base: dict) -> dict[str, dict
     return out
 
 
-def task_groups(base: dict) -> dict[str, str]:
-    """Task name → group, from ``<data_dir>/<task>/meta.json`` (``{}`` for the synthetic demo tasks)."""
+def task_metas(base: dict) -> dict[str, tuple[str, str]]:
+    """Task name → (group, kind), from the spec and ``<data_dir>/<task>/meta.json`` (``{}`` for synthetic tasks)."""
     data_dir = ROOT / deep_get(base, "data", "data_dir", default="../shared/data")
     out = {}
     for t in deep_get(base, "data", "tasks", default=None) or []:
         spec = {"name": t} if isinstance(t, str) else t
-        meta = (ROOT / spec["path"] if spec.get("path") else data_dir / spec["name"]) / "meta.json"
-        group = json.loads(meta.read_text()).get("group", spec["name"]) if meta.exists() else spec["name"]
-        out[spec["name"]] = spec.get("group", group)
+        meta_path = (ROOT / spec["path"] if spec.get("path") else data_dir / spec["name"]) / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        kind = spec.get("kind") or KIND_OF_TYPE.get(meta.get("task_type", ""), "classification")
+        out[spec["name"]] = (spec.get("group", meta.get("group", spec["name"])), kind)
     return out
+
+
+def task_groups(base: dict, by_kind: bool = False) -> dict[str, str]:
+    """Task name → group (or, with ``by_kind``, its kind: classification / qa / summarization)."""
+    return {t: kind if by_kind else group for t, (group, kind) in task_metas(base).items()}
+
+
+def task_metric(base: dict) -> dict[str, str]:
+    """Task name → the key of its primary metric (``acc``, ``f1``, ``rougeL``)."""
+    return {t: PRIMARY[kind] for t, (_, kind) in task_metas(base).items()}
 
 
 def portable(text: str) -> str:
@@ -453,11 +472,14 @@ def run_pooling(hparams: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
-def group_means(metrics: dict, groups: dict[str, str], prefix: str) -> dict[str, float]:
-    """Mean accuracy per task group: the mean over the group's tasks of ``<prefix>_task/<task>/acc``."""
+def group_means(metrics: dict, groups: dict[str, str], prefix: str,
+                metric: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+    """Mean score per task group: the mean over the group's tasks of ``<prefix>_task/<task>/<metric>`` (``acc``
+    unless ``metric`` names a task's own)."""
     out: dict[str, float] = {}
     for g in sorted(set(groups.values())):
-        found = [metrics.get(f"{prefix}_task/{t}/acc") for t, gg in groups.items() if gg == g]
+        keys = [f"{prefix}_task/{t}/{(metric or {}).get(t, 'acc')}" for t, gg in groups.items() if gg == g]
+        found = [metrics.get(k) for k in keys]
         vals = [float(v) for v in found if v is not None]
         if vals:
             out[g] = sum(vals) / len(vals)
@@ -472,7 +494,9 @@ def parse_run(workload: str, method: str, lr: float, seed: int, measured_cache: 
         return None
     res = json.loads(path.read_text())
     base = base_config(workload)
-    groups = task_groups(base)
+    by_kind = workload in BY_KIND
+    groups, metric = task_groups(base, by_kind), task_metric(base) if by_kind else None
+    key = "score" if by_kind else "acc"  # the tuned and reported metric
     history = res.get("history", [])
     final = res.get("final", {})
     cum = [(h.get("bytes_up") or 0) + (h.get("bytes_down") or 0) for h in history]
@@ -509,10 +533,12 @@ def parse_run(workload: str, method: str, lr: float, seed: int, measured_cache: 
         "folder": os.path.relpath(folder, ROOT) if folder.is_relative_to(ROOT) else folder.name,
         "command": cmd_file.read_text().strip() if cmd_file.exists() else None,
         "pooling": run_pooling(hparams), "rounds": len(history), "device": "CUDA GPU" if used_gpu else "CPU",
-        "val_acc": final.get("val_acc"), "val_group_acc": group_means(final, groups, "val"),
-        "acc_per_round": [h.get("val_acc") for h in history],
-        "test_acc": test.get("test_acc"), "test_group_acc": group_means(test, groups, "test"),
-        "test_task_acc": {t: test.get(f"test_task/{t}/acc") for t in groups} if test else {},
+        "metric": key,
+        "val_acc": final.get(f"val_{key}"), "val_group_acc": group_means(final, groups, "val", metric),
+        "acc_per_round": [h.get(f"val_{key}") for h in history],
+        "test_acc": test.get(f"test_{key}"), "test_group_acc": group_means(test, groups, "test", metric),
+        "test_task_acc": {t: test.get(f"test_task/{t}/{(metric or {}).get(t, 'acc')}") for t in groups} if test else {},
+        "test_task_metrics": {k[len("test_task/"):]: v for k, v in test.items() if k.startswith("test_task/")},
         "bytes_cumulative": cum, "bytes_per_round": per_round,
         "mean_bytes_per_round": sum(per_round) / len(per_round) if per_round else None,
         "wall_seconds": res.get("wall_seconds"), "traffic": res.get("traffic"), "cluster_ids": res.get("cluster_ids"),
@@ -647,10 +673,15 @@ def markdown_tables(summary: dict, lrs: list[float], commands: dict[str, str] | 
         if commands and wl in commands:
             out += [f"```bash\n{commands[wl]}\n```", ""]
         groups = sorted({g for v in per.values() for g in v["test_group_acc"]})
-        head = ["method", "chosen lr", "seeds", "**test acc**", *[f"test {g}" for g in groups], "val acc",
+        key = "score" if wl in BY_KIND else "acc"
+        head = ["method", "chosen lr", "seeds", f"**test {key}**", *[f"test {g}" for g in groups], f"val {key}",
                 "MB / round", "client peak MiB est. (max)", "measured MiB (weakest / strongest)", "wall s"]  # fmt: skip
         ran = f" (runs on: {', '.join(block['devices'])}, by their logs)" if block.get("devices") else ""
-        out += [f"**{wl}** — test split, each method at its own learning rate (chosen on validation){ran}", "",
+        out += [f"**{wl}** — test split, each method at its own learning rate (chosen on validation){ran}", ""]
+        if key == "score":
+            out += ["score = each task's own metric (accuracy, SQuAD F1, ROUGE-L F) per example, averaged over all "
+                    "test examples; a kind's column is the mean over its tasks.", ""]  # fmt: skip
+        out += [
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
         for m, v in per.items():
             meas = " / ".join(fmt(v["measured_peak"][k], 1 / MIB, 0) for k in ("weakest", "strongest"))
@@ -671,7 +702,8 @@ def markdown_tables(summary: dict, lrs: list[float], commands: dict[str, str] | 
         out.append("")
         grid = [lr for lr in lrs if any(lr in v["val_grid"] for v in per.values())]
         head = ["method", *[f"lr {lr:g}" for lr in grid]]
-        out += [f"Validation accuracy of the tuning runs ({wl}; mean over the tuning seeds; chosen in bold):", "",
+        title = "score" if key == "score" else "accuracy"
+        out += [f"Validation {title} of the tuning runs ({wl}; mean over the tuning seeds; chosen in bold):", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
         for m, v in per.items():
             cells = [m] + [("–" if lr not in v["val_grid"] else

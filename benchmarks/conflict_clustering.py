@@ -21,7 +21,10 @@ Outputs (atomic): ``<out>/conflict_clustering.json`` (settings, machine, rows, p
 ``minilm_clustering.{json,csv}``, ``--workload minilm_scarce`` (36 clients of 50 examples) ``minilm_scarce_clustering``,
 ``--workload minilm_one_task`` (the minilm workload with every client on sst2: nothing to find, the null check of
 the "no structure" rule) ``minilm_one_task_clustering`` and ``--workload smollm2_conflict`` (the same conflict for the
-causal LM SmolLM2-135M: label words shared by all tasks) ``smollm2_conflict_clustering``. Besides the bar each run
+causal LM SmolLM2-135M: label words shared by all tasks) ``smollm2_conflict_clustering`` and ``--workload
+smollm2_mixed`` (tasks of three kinds: classification, QA, summarization; also scored against the true task and the
+task kind, and with a third signal, ``update``: the adapter change of one round of local steps)
+``smollm2_mixed_clustering``. Besides the bar each run
 used, ``K_at_min_silhouette`` re-reads K per seed had the bar been each of ``BARS``; ``"chance"`` is the bar of
 :func:`atlas_pl.algorithms.clustering.chance_silhouette` for the workload's client count.
 
@@ -59,12 +62,17 @@ BARS = ("chance", "uniform", 0.25, 0.2, 0.15)  # min_silhouette values re-read f
 # workload -> (workload of benchmarks/compare.py, overrides of its data section)
 WORKLOADS = {"minilm_conflict": ("minilm_conflict", {}), "minilm": ("minilm", {}),
              "minilm_scarce": ("minilm_scarce", {}), "minilm_one_task": ("minilm", {"tasks": ["sst2"]}),
-             "smollm2_conflict": ("smollm2_conflict", {})}  # fmt: skip
+             "smollm2_conflict": ("smollm2_conflict", {}), "smollm2_mixed": ("smollm2_mixed", {})}  # fmt: skip
+# workloads scored against more than their groups: the true task of each client and its kind (classification / qa /
+# summarization), with the one-round adapter change (``update``, as FL-TAC clusters) as a third signal
+EXTRA_TRUTHS = {"smollm2_mixed": ("task", "kind")}
+EXTRA_SIGNALS = {"smollm2_mixed": ("update",)}
 NUM_BATCHES = 8
 
 
 def build(seed: int, workload: str = "minilm_conflict") -> tuple[Any, Any, list[int]]:
-    """Datamodule, Trainer-less Federation and true group per client of ``workload`` at ``seed``."""
+    """Datamodule, Trainer-less Federation and true group per client of ``workload`` at ``seed`` (see
+    :func:`truths` for the task and kind)."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -100,17 +108,25 @@ def build(seed: int, workload: str = "minilm_conflict") -> tuple[Any, Any, list[
     return dm, fed, [order.index(groups[names[t]]) for t in dm.client_task_ids]
 
 
-def fingerprints(dm: Any, fed: Any, seed: int) -> dict[str, np.ndarray]:
-    """``{signal: [clients × 64]}``: what each client would send, both signals on the same batches."""
+def truths(dm: Any, workload: str) -> dict[str, list[int]]:
+    """Per name in ``EXTRA_TRUTHS[workload]``, each client's true task id or task-kind id."""
+    kinds = [t.kind for t in dm.tasks]
+    order = list(dict.fromkeys(kinds))
+    out = {"task": [int(t) for t in dm.client_task_ids], "kind": [order.index(kinds[t]) for t in dm.client_task_ids]}
+    return {name: out[name] for name in EXTRA_TRUTHS.get(workload, ())}
+
+
+def fingerprints(dm: Any, fed: Any, seed: int, signals: tuple[str, ...] = SIGNALS) -> dict[str, np.ndarray]:
+    """``{signal: [clients × 64]}``: what each client would send, every signal on the same batches."""
     import torch
 
     from atlas_pl.algorithms.fingerprint import project_gradients
     from atlas_pl.data.client_data import sample_client_batches
 
-    out: dict[str, list[np.ndarray]] = {s: [] for s in SIGNALS}
+    out: dict[str, list[np.ndarray]] = {s: [] for s in signals}
     for idx in range(dm.num_clients):
         batches = sample_client_batches(dm, idx, NUM_BATCHES, 0)
-        for kind in SIGNALS:
+        for kind in signals:
             torch.manual_seed(seed * 1000 + idx)  # the same dropout draws for both signals
             out[kind].append(project_gradients(fed.task_signal(idx, batches, kind), 64, 0).numpy())
     return {k: np.stack(v) for k, v in out.items()}
@@ -127,8 +143,10 @@ def pair_errors(labels: list[int], truth: list[int]) -> dict[str, int]:
     return {"merged": merged, "split": split}
 
 
-def score(prints: np.ndarray, truth: list[int], seed: int, signal: str) -> list[dict]:
-    """One row per (``min_silhouette`` in ``RUN_BARS``, ``k_tolerance``): K, ARI and pair errors of the clustering."""
+def score(prints: np.ndarray, truth: list[int], seed: int, signal: str,
+          extra: dict[str, list[int]] | None = None) -> list[dict]:  # fmt: skip
+    """One row per (``min_silhouette`` in ``RUN_BARS``, ``k_tolerance``): K, ARI and pair errors of the clustering
+    (and ``ari_<name>`` against each of ``extra``'s truths, e.g. task and kind)."""
     from atlas_pl.algorithms.clustering import chance_silhouette, cluster_clients, clustering_scores
 
     rows = []
@@ -143,7 +161,11 @@ def score(prints: np.ndarray, truth: list[int], seed: int, signal: str) -> list[
                          "ari_group": clustering_scores(result.labels, truth)["ari"],
                          **pair_errors(result.labels, truth), "labels": result.labels, "groups": truth,
                          "silhouette_by_k": result.silhouette_by_k, "chance_bar": chance,
-                         "uniform_bar": uniform, "ari_group_at_true_k": at_true_k})  # fmt: skip
+                         "uniform_bar": uniform, "ari_group_at_true_k": at_true_k,
+                         **{f"ari_{n}": clustering_scores(result.labels, t)["ari"] for n, t in (extra or {}).items()},
+                         **{f"ari_{n}_at_true_k": clustering_scores(cluster_clients(prints, len(set(t)), seed=0).labels,
+                                                                    t)["ari"] for n, t in (extra or {}).items()},
+                         })  # fmt: skip
     return rows
 
 
@@ -167,7 +189,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         return row[f"{bar}_bar"] if bar in ("chance", "uniform") else float(bar)
 
     out = []
-    for signal in SIGNALS:
+    for signal in dict.fromkeys(r["signal"] for r in rows):
         for run_bar in RUN_BARS:
             for tol in TOLERANCES:
                 sel = [
@@ -184,7 +206,11 @@ def summarize(rows: list[dict]) -> list[dict]:
                                 "chance_bar": [r["chance_bar"] for r in sel], "uniform_bar": sel[0]["uniform_bar"],
                                 "ari_group_at_true_k": [r["ari_group_at_true_k"] for r in sel],
                                 "K_at_min_silhouette": {bar: [pick_k(r["silhouette_by_k"], bar_value(bar, r), tol)
-                                                              for r in sel] for bar in BARS}})  # fmt: skip
+                                                              for r in sel] for bar in BARS},
+                                **{f"{k}_mean": statistics.fmean(r[k] for r in sel) for k in sel[0]
+                                   if k.startswith(("ari_task", "ari_kind"))},
+                                **{k: [r[k] for r in sel] for k in sel[0] if k.startswith(("ari_task", "ari_kind"))},
+                                })  # fmt: skip
     return out
 
 
@@ -204,22 +230,26 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
     stored = np.load(args.out / f"{stem}_fingerprints.npz") if args.rescore else None
+    signals = SIGNALS + EXTRA_SIGNALS.get(args.workload, ())
     for seed in args.seeds:
         if stored is not None:
             if f"groups_seed{seed}" not in stored:
                 raise SystemExit(f"{stem}_fingerprints.npz has no seed {seed}; run without --rescore to compute it")
             truth = [int(g) for g in stored[f"groups_seed{seed}"]]
-            prints_by_signal = {s: stored[f"{s}_seed{seed}"].astype(np.float64) for s in SIGNALS}
+            extra = {n: [int(g) for g in stored[f"{n}_seed{seed}"]] for n in EXTRA_TRUTHS.get(args.workload, ())}
+            prints_by_signal = {s: stored[f"{s}_seed{seed}"].astype(np.float64) for s in signals}
         else:
             dm, fed, truth = build(seed, args.workload)
-            prints_by_signal = fingerprints(dm, fed, seed)
+            extra = truths(dm, args.workload)
+            prints_by_signal = fingerprints(dm, fed, seed, signals)
         for signal, prints in prints_by_signal.items():
-            rows.extend(score(prints, truth, seed, signal))
+            rows.extend(score(prints, truth, seed, signal, extra))
             arrays[f"{signal}_seed{seed}"] = prints.astype(np.float32)
         arrays[f"groups_seed{seed}"] = np.asarray(truth)
+        arrays.update({f"{n}_seed{seed}": np.asarray(t) for n, t in extra.items()})
         print(json.dumps([{k: r[k] for k in ("seed", "signal", "min_silhouette", "k_tolerance", "K", "ari_group",
                                              "merged", "split")}
-                          for r in rows[-8:]]), flush=True)  # fmt: skip
+                          for r in rows[-4 * len(signals):]]), flush=True)  # fmt: skip
     summary = summarize(rows)
     report = {"settings": {"workload": args.workload, "num_batches": NUM_BATCHES, "dim": 64,
                            "k_range": [2, 10], "min_silhouette": list(RUN_BARS), "seeds": args.seeds},
@@ -238,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "K",
         "silhouette",
         "ari_group",
+        *[f"ari_{n}" for n in EXTRA_TRUTHS.get(args.workload, ())],
         "merged",
         "split",
     ]

@@ -133,14 +133,15 @@ def run_cell(c: Cell, args: argparse.Namespace) -> dict[str, Any]:
         profile = json.loads((folder / "fit-profile.rounds.json").read_text())
         last = json.loads(next((folder / "logs").rglob("results.json")).read_text())["history"][-1]
     rounds = profile["rounds"][1:] if len(profile["rounds"]) > 1 else profile["rounds"]
-    med = {p: statistics.median(r[p] for r in rounds) for p in (*PARTS, "round")}
+    med = {p: statistics.median(r.get(p, 0.0) for r in rounds) for p in (*PARTS, "round")}
     steps = sum(med[p] for p in STEPS)
-    training = med["round"] - med["evaluation"]
+    evaluation = med["evaluation"] + med["generation"]
+    training = med["round"] - evaluation
     return {
         **c, "rounds_measured": len(rounds),
         **{f"s_{p}": med[p] for p in (*PARTS, "round")},
         "steps_share": steps / training, "overhead_share": (training - steps) / training,
-        "evaluation_share": med["evaluation"] / med["round"], "wall_seconds": wall,
+        "evaluation_share": evaluation / med["round"], "wall_seconds": wall,
         "val_loss": last.get("val_loss"),
     }  # fmt: skip
 
@@ -224,7 +225,7 @@ def markdown(rows: list[dict], batching: list[dict], command: str, args: argpars
         total = r["s_round"]
         cells_ = [r["workload"], str(r["clients"]), r["schedule"], r.get("checkpoint", "sync"),
                   f"{r['local_steps']} × {r['batch_size']} × {r['max_length']}", f"{total:.2f}"]  # fmt: skip
-        cells_ += [f"{100 * r[f's_{p}'] / total:.1f}" for p in PARTS]
+        cells_ += [f"{100 * r.get(f's_{p}', 0.0) / total:.1f}" for p in PARTS]
         cells_ += [f"{100 * r['steps_share']:.1f}", f"**{100 * r['overhead_share']:.1f}**",
                    f"{100 * r['evaluation_share']:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells_) + " |")
@@ -255,7 +256,7 @@ def plot(rows: list[dict], path: Path) -> None:
     left = [0.0] * len(rows)
     colors = plt.get_cmap("tab20").colors
     for k, p in enumerate(PARTS):
-        share = [100 * r[f"s_{p}"] / r["s_round"] for r in rows]
+        share = [100 * r.get(f"s_{p}", 0.0) / r["s_round"] for r in rows]
         ax.barh(labels, share, left=left, color=colors[k % len(colors)], label=p)
         left = [a + b for a, b in zip(left, share)]
     for y, r in enumerate(rows):

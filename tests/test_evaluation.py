@@ -48,7 +48,7 @@ def test_evaluator_scores_label_words_and_generated_text_per_client_task_and_clu
     ]
     words = {X: "seven"}
     evaluator = FederatedEvaluator(3, tasks, max_new_tokens=1, eos_token_id=EOS,
-                                   decode=lambda ids, **_: " ".join(words[i] for i in ids))
+                                   decode=lambda ids, **_: " ".join(words.get(i, f"t{i}") for i in ids))
 
     evaluator.update(clients[0], _batch(0, 0, [X, EOS], [1, 1, 0, 1]))  # 3 of 4 right
     evaluator.update(clients[1], _batch(1, 0, [X, EOS], [0, 0]))  # 0 of 2 right
@@ -64,6 +64,9 @@ def test_evaluator_scores_label_words_and_generated_text_per_client_task_and_clu
     assert metrics["val_score/client_002"] == 0.5  # per-example SQuAD F1: 1 and 0
     assert metrics["val_score_task_mean"] == 0.5
     assert {"val_loss/client_000", "val_loss/cluster_1", "val_loss"} <= set(metrics)
+    shown = evaluator.examples_markdown()  # the TensorBoard text: generated answers of the generative task only
+    assert list(shown) == ["squad"] and shown["squad"].count("generated: `seven`") == 2
+    assert "references: `eight`" in shown["squad"] and "t20 t21 t22" in shown["squad"]
 
 
 def test_first_token_scoring_judges_the_argmax_of_the_first_answer_token() -> None:

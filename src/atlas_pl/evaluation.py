@@ -19,6 +19,7 @@ from torch import nn
 
 from atlas_pl.client import SplitClient
 from atlas_pl.metrics import PRIMARY, PerClientMean, TaskKind, TaskMetrics, example_scores
+from atlas_pl.profiling import section
 from atlas_pl.split.backbone import ServerOutput
 from atlas_pl.split.registry import get_submodule
 from atlas_pl.split.scoring import ScoreNorm, answer_starts, greedy_generate, score_label_words
@@ -71,7 +72,8 @@ class BatchResult:
         target: Gold class per example.
         tokens: First-token scoring: the argmax token at the first answer position.
         texts: Generated text (QA / summarization).
-        targets: Reference text (QA / summarization).
+        targets: Reference text trained on (QA / summarization).
+        references: Every reference of each example (the best match scores).
         scores: Per-example SQuAD F1 / ROUGE-L of the generated text.
     """
 
@@ -86,6 +88,7 @@ class BatchResult:
     tokens: torch.Tensor | None = None
     texts: list[str] | None = None
     targets: list[str] | None = None
+    references: list[list[str]] | None = None
     scores: list[float] | None = None
 
 
@@ -116,12 +119,33 @@ class EvaluationSpec:
             answer tokens; the label spaces of different tasks coexist), ``label_first_token`` (the label words' first
             tokens at the answer position, free with the loss pass) or ``first_token`` (argmax over the vocabulary).
         score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
-        max_new_tokens: Tokens generated for QA / summarization tasks.
+        max_new_tokens: Tokens generated for QA / summarization tasks (greedy, stopped at EOS).
+        max_new_tokens_per_task: Per task name or kind (``qa``, ``summarization``), a limit other than
+            ``max_new_tokens`` (a task name wins over its kind), e.g. ``{qa: 16, dialogsum: 48}``.
+        generation_batch_size: Prompts generated together (one KV cache per batch; bounds memory).
+        text_examples: Generated answers per generative task shown as TensorBoard text each round (0: none).
     """
 
     scoring: Scoring = "label_words"
     score_norm: ScoreNorm = "sum"
     max_new_tokens: int = 32
+    max_new_tokens_per_task: dict[str, int] = field(default_factory=dict)
+    generation_batch_size: int = 16
+    text_examples: int = 3
+
+    def __post_init__(self) -> None:
+        limits = {"max_new_tokens": self.max_new_tokens, **{f"max_new_tokens_per_task[{k!r}]": v
+                                                            for k, v in self.max_new_tokens_per_task.items()}}
+        for name, value in (*limits.items(), ("generation_batch_size", self.generation_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"evaluation.{name}={value!r}; fix: pass an int >= 1.")
+        if isinstance(self.text_examples, bool) or not isinstance(self.text_examples, int) or self.text_examples < 0:
+            raise ValueError(f"evaluation.text_examples={self.text_examples!r}; fix: pass an int >= 0 (0: none).")
+
+    def new_tokens(self, task: TaskInfo) -> int:
+        """The generation limit of ``task``: its name's entry, else its kind's, else ``max_new_tokens``."""
+        per = self.max_new_tokens_per_task
+        return int(per.get(task.name, per.get(task.kind, self.max_new_tokens)))
 
 
 class FederatedEvaluator(nn.Module):
@@ -136,9 +160,12 @@ class FederatedEvaluator(nn.Module):
             first answer position (free: the loss pass computes those logits; falls back to ``label_words`` when two
             labels share a first token); ``first_token`` takes the argmax over the whole vocabulary (strictest).
         score_norm: ``sum`` or ``mean`` of a label word's token log-probabilities.
-        max_new_tokens: Generation length for QA and summarization tasks.
+        max_new_tokens: Generation length for QA and summarization tasks, or an :class:`EvaluationSpec` whose
+            per-task limits, generation batch size and number of text examples are used (``scoring`` and
+            ``score_norm`` still come from the arguments).
         eos_token_id: EOS token that stops generation.
         decode: Turns generated token ids into text (the tokenizer's ``decode``).
+        pad_token_id: Left-padding id of batched generation (default: EOS).
     """
 
     def __init__(
@@ -147,16 +174,21 @@ class FederatedEvaluator(nn.Module):
         tasks: list[TaskInfo] | None = None,
         scoring: Scoring = "label_words",
         score_norm: ScoreNorm = "sum",
-        max_new_tokens: int = 32,
+        max_new_tokens: int | EvaluationSpec = 32,
         eos_token_id: int | None = None,
         decode: Any = None,
+        pad_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if scoring not in ("label_words", "label_first_token", "first_token"):
             raise ValueError(f"`scoring` must be 'label_words', 'label_first_token' or 'first_token', got {scoring!r}")
         self.tasks = list(tasks or [])
-        self.scoring, self.score_norm, self.max_new_tokens = scoring, score_norm, max_new_tokens
-        self.eos_token_id, self.decode = eos_token_id, decode
+        spec = max_new_tokens if isinstance(max_new_tokens, EvaluationSpec) else EvaluationSpec(
+            max_new_tokens=max_new_tokens)  # fmt: skip
+        self.scoring, self.score_norm, self.spec = scoring, score_norm, spec
+        self.max_new_tokens = spec.max_new_tokens
+        self.eos_token_id, self.decode, self.pad_token_id = eos_token_id, decode, pad_token_id
+        self.examples: dict[int, list[dict[str, Any]]] = {}  # task id -> a few generated answers of this epoch
         self.loss = PerClientMean(num_clients)
         self.acc = PerClientMean(num_clients)
         self.score = PerClientMean(num_clients)
@@ -171,6 +203,7 @@ class FederatedEvaluator(nn.Module):
             metric.reset()
         if self.task_metrics is not None:
             self.task_metrics.reset()
+        self.examples = {}
 
     # ------------------------------------------------------------------------------------------ one batch
     @torch.no_grad()
@@ -182,8 +215,9 @@ class FederatedEvaluator(nn.Module):
             out = client.evaluate(batch)
         result = BatchResult(out.loss, out.num_targets, task_id, task)
         if task is not None and task.kind != "classification":
-            result.texts, result.targets = self._generate(client, batch), list(batch["targets"])
-            result.scores = example_scores(task.kind, result.texts, result.targets)
+            result.texts, result.targets = self._generate(client, batch, task), list(batch["targets"])
+            result.references = [list(r) for r in batch.get("references") or [[t] for t in result.targets]]
+            result.scores = example_scores(task.kind, result.texts, result.references)
             return result
         result.correct = out.correct
         if task is None:  # no task information: the model's own prediction (encoders), correctness
@@ -206,8 +240,9 @@ class FederatedEvaluator(nn.Module):
         self.loss.update(result.loss, idx, result.num_targets)
         if result.scores is not None:
             self.score.update(torch.tensor(result.scores).mean(), idx, len(result.scores))
-            assert self.task_metrics is not None and result.texts is not None and result.targets is not None
-            self.task_metrics.update_text(result.task_id, result.texts, result.targets)
+            assert self.task_metrics is not None and result.texts is not None and result.references is not None
+            self.task_metrics.update_text(result.task_id, result.texts, result.references)
+            self._keep_examples(idx, batch, result)
             return
         assert result.correct is not None
         self._update_correct(idx, result.correct)
@@ -226,8 +261,9 @@ class FederatedEvaluator(nn.Module):
         ]
         for b, row in enumerate(rows):
             if result.texts is not None:
-                assert result.targets is not None and result.scores is not None
-                row.update(prediction=result.texts[b], label=result.targets[b], score=result.scores[b])
+                assert result.targets is not None and result.scores is not None and result.references is not None
+                row.update(prediction=result.texts[b], label=result.targets[b], references=result.references[b],
+                           score=result.scores[b])  # fmt: skip
                 continue
             if result.pred is not None:
                 row["prediction"] = int(result.pred[b])
@@ -276,20 +312,53 @@ class FederatedEvaluator(nn.Module):
             )
         return scores.argmax(dim=1), scores.float().softmax(dim=1)
 
-    def _generate(self, client: SplitClient, batch: dict) -> list[str]:
+    def _generate(self, client: SplitClient, batch: dict, task: TaskInfo) -> list[str]:
         if self.decode is None:
             raise ValueError("generative tasks need a tokenizer to decode; pass `decode` to FederatedEvaluator")
         starts = answer_starts(batch["labels"]).tolist()
         prompts = [batch["input_ids"][b, :s].tolist() for b, s in enumerate(starts)]
-        generated = greedy_generate(
-            client.split,
-            prompts,
-            self.max_new_tokens,
-            self.eos_token_id,
-            client.client_adapter,
-            client.server_adapter,
-        )
+        with section("evaluation/generate"):
+            generated = greedy_generate(
+                client.split,
+                prompts,
+                self.spec.new_tokens(task),
+                self.eos_token_id,
+                client.client_adapter,
+                client.server_adapter,
+                batch_size=self.spec.generation_batch_size,
+                pad_token_id=self.pad_token_id,
+            )
         return [str(self.decode(ids, skip_special_tokens=True)).strip() for ids in generated]
+
+    def _keep_examples(self, idx: int, batch: dict, result: BatchResult) -> None:
+        """Keep the first ``text_examples`` generated answers of each task (prompt end, answer, references, score)."""
+        kept = self.examples.setdefault(result.task_id, [])
+        room = self.spec.text_examples - len(kept)
+        if room <= 0 or self.decode is None:
+            return
+        assert result.texts is not None and result.references is not None and result.scores is not None
+        starts = answer_starts(batch["labels"]).tolist()
+        for b in range(min(room, len(result.texts))):
+            prompt = str(self.decode(batch["input_ids"][b, : starts[b]].tolist(), skip_special_tokens=True))
+            kept.append({"client": idx, "prompt": prompt, "prediction": result.texts[b],
+                         "references": result.references[b], "score": result.scores[b]})  # fmt: skip
+
+    def examples_markdown(self, max_prompt_chars: int = 600) -> dict[str, str]:
+        """Task name → a Markdown block of the kept examples (for TensorBoard's text tab)."""
+        out: dict[str, str] = {}
+        for task_id, rows in sorted(self.examples.items()):
+            task = self.tasks[task_id] if task_id < len(self.tasks) else None
+            blocks = []
+            for r in rows:
+                prompt = r["prompt"] if len(r["prompt"]) <= max_prompt_chars else "…" + r["prompt"][-max_prompt_chars:]
+                refs = "<br>".join(f"`{_md(x)}`" for x in r["references"])
+                blocks.append(
+                    f"**client {r['client']}** — score {r['score']:.3f}\n\n"
+                    f"prompt:\n\n    {_md(prompt).replace(chr(10), chr(10) + '    ')}\n\n"
+                    f"generated: `{_md(r['prediction'])}`\n\nreferences: {refs}"
+                )
+            out[task.name if task else str(task_id)] = "\n\n---\n\n".join(blocks)
+        return out
 
     # ------------------------------------------------------------------------------------------ roll-up
     def compute(self, prefix: str, cluster_ids: list[int]) -> dict[str, float]:
@@ -314,3 +383,8 @@ class FederatedEvaluator(nn.Module):
             if primary:
                 metrics[f"{prefix}_score_task_mean"] = sum(primary) / len(primary)
         return metrics
+
+
+def _md(text: str) -> str:
+    """``text`` safe inside Markdown inline code (backticks replaced)."""
+    return str(text).replace("`", "'")

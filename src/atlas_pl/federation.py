@@ -415,9 +415,10 @@ class Federation(L.LightningModule):
             tasks,
             ev.scoring,
             ev.score_norm,
-            ev.max_new_tokens,
+            ev,
             eos_token_id=getattr(tokenizer, "eos_token_id", None),
             decode=getattr(tokenizer, "decode", None),
+            pad_token_id=getattr(tokenizer, "pad_token_id", None),
         ).to(self.device)
         self.task_names = [t.name for t in tasks]
 
@@ -741,6 +742,7 @@ class Federation(L.LightningModule):
             self.log_dict(metrics, batch_size=1)
             return
         self.log_round(metrics)
+        self.log_text_examples()
         self.history.append(
             {
                 "round": int(self.current_epoch),
@@ -750,6 +752,24 @@ class Federation(L.LightningModule):
                 "bytes_down": self.channel.stats.bytes_down,
             }
         )
+
+    def generated_examples(self) -> dict[str, list[dict[str, Any]]]:
+        """Task name → the first few generated answers of the last evaluation (``text_examples`` per task).
+
+        Each is a dict of client, prompt, generated text, references and score.
+        """
+        tasks = self.evaluator.tasks
+        return {(tasks[t].name if t < len(tasks) else str(t)): list(rows)
+                for t, rows in sorted(self.evaluator.examples.items())}  # fmt: skip
+
+    def log_text_examples(self) -> None:
+        """A few generated answers per generative task (prompt end, answer, references) as TensorBoard text."""
+        with section("federation/logging"):
+            for task, text in self.evaluator.examples_markdown().items():
+                for logger in self.loggers:
+                    add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+                    if callable(add_text):
+                        add_text(f"examples/{task}", text, global_step=self.current_epoch)
 
     @override
     def on_test_epoch_end(self) -> None:

@@ -7,7 +7,7 @@ and ROUGE-L.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, cast
 
@@ -88,25 +88,43 @@ PRIMARY = {"classification": "acc", "qa": "f1", "summarization": "rougeL"}
 """The per-example score each task kind is judged by (per client and per cluster roll-ups use it)."""
 
 
-def example_scores(kind: TaskKind, preds: list[str], targets: list[str]) -> list[float]:
-    """Per-example primary score of generated text in ``[0, 1]``: SQuAD F1 (``qa``) or ROUGE-L F (``summarization``)."""
+References = str | Sequence[str]
+"""One reference text, or every reference of one example (scored by the best match)."""
+
+
+def _refs(value: References) -> list[str]:
+    out = [value] if isinstance(value, str) else [str(v) for v in value]
+    if not out:
+        raise ValueError("an example has no reference text; fix: give every generative example at least one")
+    return out
+
+
+def example_scores(kind: TaskKind, preds: list[str], references: Sequence[References]) -> list[float]:
+    """Per-example primary score of generated text in ``[0, 1]``, the best over each example's references.
+
+    ``qa``: SQuAD F1 (answers normalized: lower case, no punctuation or articles; the maximum over the gold answers,
+    as the official SQuAD script). ``summarization``: ROUGE-L F-measure against the reference it matches best.
+    """
     if kind == "qa":
-        return [_squad_f1(p, t) for p, t in zip(preds, targets)]
+        return [_squad_f1(p, _refs(r)) for p, r in zip(preds, references)]
     if kind == "summarization":
-        return [float(rouge_score(p, t, rouge_keys="rougeL")["rougeL_fmeasure"]) for p, t in zip(preds, targets)]
+        return [
+            float(rouge_score(p, [_refs(r)], rouge_keys="rougeL")["rougeL_fmeasure"]) for p, r in zip(preds, references)
+        ]
     raise ValueError(f"`kind` must be 'qa' or 'summarization' for generated text, got {kind!r}")
 
 
-def _squad_f1(pred: str, target: str) -> float:
-    return float(squad([_squad_pred(pred, "0")], [_squad_target(target, "0")])["f1"]) / 100.0
+def _squad_f1(pred: str, answers: list[str]) -> float:
+    return float(squad([_squad_pred(pred, "0")], [_squad_target(answers, "0")])["f1"]) / 100.0
 
 
 def _squad_pred(text: str, idx: str) -> dict[str, str]:
     return {"prediction_text": text, "id": idx}
 
 
-def _squad_target(text: str, idx: str) -> dict[str, Any]:
-    return {"answers": {"answer_start": [0], "text": [text]}, "id": idx}
+def _squad_target(answers: References, idx: str) -> dict[str, Any]:
+    texts = _refs(answers)
+    return {"answers": {"answer_start": [0] * len(texts), "text": texts}, "id": idx}
 
 
 class TaskMetrics(nn.Module):
@@ -132,15 +150,16 @@ class TaskMetrics(nn.Module):
     def update_classes(self, task_id: int, preds: torch.Tensor, target: torch.Tensor) -> None:
         self.collection(task_id).update(preds, target)
 
-    def update_text(self, task_id: int, preds: list[str], targets: list[str]) -> None:
+    def update_text(self, task_id: int, preds: list[str], references: Sequence[References]) -> None:
+        """Score generated texts against their reference(s): the best over an example's references counts."""
         collection = self.collection(task_id)
         if self.kinds[task_id] == "qa":
             ids = [str(i) for i in range(len(preds))]
             collection.update(
-                [_squad_pred(p, i) for p, i in zip(preds, ids)], [_squad_target(t, i) for t, i in zip(targets, ids)]
+                [_squad_pred(p, i) for p, i in zip(preds, ids)], [_squad_target(r, i) for r, i in zip(references, ids)]
             )
         else:
-            collection.update(preds, targets)
+            collection.update(preds, [_refs(r) for r in references])
 
     def compute(self) -> dict[str, float]:
         """``{"<task>/<metric>": value}`` for every task that received data (scores in ``[0, 1]``)."""
@@ -167,7 +186,7 @@ class TaskMetrics(nn.Module):
             self.collection(t).reset()
 
 
-_KEY = {"exact_match": "em", "rougeL_fmeasure": "rougeL"}
+_KEY = {"exact_match": "em", "rougeL_fmeasure": "rougeL", "rouge1_fmeasure": "rouge1", "rouge2_fmeasure": "rouge2"}
 
 
 def _collection(kind: TaskKind, num_labels: int) -> MetricCollection:
@@ -181,7 +200,7 @@ def _collection(kind: TaskKind, num_labels: int) -> MetricCollection:
     if kind == "qa":
         return MetricCollection({"squad": SQuAD()}, compute_groups=False)
     if kind == "summarization":
-        return MetricCollection({"rouge": ROUGEScore(rouge_keys="rougeL")}, compute_groups=False)
+        return MetricCollection({"rouge": ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))}, compute_groups=False)
     raise ValueError(f"unknown task kind {kind!r}; use 'classification', 'qa' or 'summarization'")
 
 

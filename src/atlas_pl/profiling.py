@@ -2,8 +2,8 @@
 
 Time: :func:`section` marks the parts of a split step as actions of the Trainer's profiler, and
 :class:`RoundProfiler` (``--trainer.profiler atlas_pl.profiling.RoundProfiler``) adds every action up per round and
-splits each round into client steps, server steps, channel, optimizers, aggregation, evaluation, checkpointing,
-logging, data and the rest.
+splits each round into client steps, server steps, channel, optimizers, aggregation, evaluation (the generation of
+QA / summarization answers apart), checkpointing, logging, data and the rest.
 
 Memory: peak memory of one step.
 
@@ -78,7 +78,8 @@ def section(name: str) -> Iterator[None]:
     """Time the block as the profiler action ``name`` (a no-op unless a profiler is in use: see :func:`use_profiler`).
 
     The split step marks ``split/client_forward``, ``split/channel``, ``split/server``, ``split/client_backward``
-    and ``split/optimizers``; the federation marks ``federation/logging``. On CUDA the device is synchronized at both
+    and ``split/optimizers``; the federation marks ``federation/logging``;
+    evaluation marks ``evaluation/generate``. On CUDA the device is synchronized at both
     ends while profiling, so asynchronous kernels are charged to the section that launched them.
     """
     profiler = _PROFILER
@@ -93,8 +94,8 @@ def section(name: str) -> Iterator[None]:
             torch.cuda.synchronize()
 
 
-PARTS = ("client", "server", "channel", "optimizers", "step_other", "aggregation", "evaluation", "checkpoint",
-         "logging", "data", "other")  # fmt: skip
+PARTS = ("client", "server", "channel", "optimizers", "step_other", "aggregation", "evaluation", "generation",
+         "checkpoint", "logging", "data", "other")  # fmt: skip
 """The parts of a round :class:`RoundProfiler` reports, in table order (``round`` is their sum)."""
 
 _RULES: tuple[tuple[str, str], ...] = (  # (substring of the action name, part); the first match wins
@@ -103,6 +104,7 @@ _RULES: tuple[tuple[str, str], ...] = (  # (substring of the action name, part);
     ("split/channel", "channel"),
     ("split/optimizers", "optimizers"),
     ("federation/logging", "logging"),
+    ("evaluation/generate", "generation"),
     ("FederatedResults", "logging"),
     ("FederatedProgress", "logging"),
     ("Aggregation", "aggregation"),

@@ -124,7 +124,8 @@ def test_qa_task_reads_context_question_and_answer_text(tmp_path, cache_dir):
     rows = [{"context": "Paris is in France.", "question": "Where is Paris?", "answers": {"text": ["France"]}}] * 3
     write_jsonl(tmp_path / "qa.jsonl", rows)
     task = load_task({"name": "qa", "kind": "qa", "path": str(tmp_path / "qa.jsonl")}, cache_dir=cache_dir)
-    assert task.train[0] == {"text": "Paris is in France.", "text_pair": "Where is Paris?", "target": "France"}
+    assert task.train[0] == {"text": "Paris is in France.", "text_pair": "Where is Paris?", "target": "France",
+                             "references": ["France"]}  # fmt: skip
     assert task.label_names == [] and task.template.startswith("Context: {context}")
 
 

@@ -69,7 +69,8 @@ class FederatedResults(Callback):
     Hooks: ``on_fit_start`` — the datamodule is set up and the loggers exist, so the partition and layout can be
     written before the first round; ``on_fit_end`` (rank 0) — the module's history holds every round by then;
     ``on_test_end`` (rank 0) — the test metrics are final: they go to ``test_<filename>`` (e.g. ``test_results.json``)
-    beside the fit's results, with the checkpoint they were computed from.
+    beside the fit's results, with the checkpoint they were computed from, and (when the module has
+    ``generated_examples()``, as ``Federation`` does) a few generated answers per QA / summarization task.
 
     Args:
         filename: File name inside ``trainer.log_dir`` (or ``default_root_dir`` without a logger).
@@ -146,6 +147,9 @@ class FederatedResults(Callback):
             "metrics": dict(sorted(metrics.items())),
             "cluster_ids": list(getattr(pl_module, "cluster_ids", [])),
         }
+        examples = getattr(pl_module, "generated_examples", None)
+        if callable(examples) and examples():  # a few generated answers per generative task, to read
+            results["examples"] = examples()
         atomic_write_json(path, results)
         rank_zero_info(f"test results written to {path}")
 

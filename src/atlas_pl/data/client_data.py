@@ -127,6 +127,7 @@ def _materialize(encoded: Any, idx: np.ndarray, task_id: int, name: str, client:
         row.update(task_id=task_id, client_idx=client, task=name)
         if row.get("target") is None:
             row.pop("target", None)
+            row.pop("references", None)
     return rows
 
 

@@ -30,6 +30,13 @@ def _check(ok: bool, name: str, value: Any, fix: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid; fix: {fix}.")
 
 
+def _label_dp_error(generative: list[str]) -> ValueError:
+    return ValueError(
+        f"label_dp_epsilon randomizes class labels, but {generative} are generative tasks; fix: drop "
+        "label_dp_epsilon or train classification tasks only."
+    )
+
+
 def _offsets(sizes: list[int]) -> list[int]:
     offsets, total = [], 0
     for n in sizes:
@@ -182,16 +189,12 @@ class FederatedDataModule(L.LightningDataModule):
         _check(max_target_length >= 1, "max_target_length", max_target_length, "pass max_target_length >= 1")
         _check(tasks is None or len(tasks) > 0, "tasks", tasks, "list at least one task, or leave tasks unset")
         specs = [TaskSpec.parse(t) for t in tasks or []]  # validates spec keys early
-        if label_dp_epsilon is not None and any(sp.kind != "classification" for sp in specs):
-            raise ValueError(
-                "label_dp_epsilon randomizes class labels, but "
-                f"{[sp.name for sp in specs if sp.kind != 'classification']} are generative tasks; fix: drop "
-                "label_dp_epsilon or train classification tasks only."
-            )
-        if task_format == "classification" and any(sp.kind != "classification" for sp in specs):
+        if label_dp_epsilon is not None and any(sp.generative for sp in specs):
+            raise _label_dp_error([sp.name for sp in specs if sp.generative])
+        if task_format == "classification" and any(sp.generative for sp in specs):
             raise ValueError(
                 f"task_format='classification' cannot train generative tasks "
-                f"{[sp.name for sp in specs if sp.kind != 'classification']}; fix: use task_format='causal_lm'."
+                f"{[sp.name for sp in specs if sp.generative]}; fix: use task_format='causal_lm'."
             )
         clients_per_synthetic = -(-num_clients // (num_groups * tasks_per_group))
         _check(
@@ -271,6 +274,8 @@ class FederatedDataModule(L.LightningDataModule):
         specs: list[Any] = self.task_specs if self.task_specs is not None else ["synthetic"]
         tasks = load_tasks(list(specs), self.data_dir, self.cache_dir, self.seed, synthetic, self.prompt_template)
         generative = [t.name for t in tasks if t.generative]
+        if generative and self.label_dp_epsilon is not None:
+            raise _label_dp_error(generative)
         if generative and self.task_format == "classification":
             raise ValueError(
                 f"task_format='classification' cannot train generative tasks {generative}; fix: use 'causal_lm'."

@@ -18,7 +18,7 @@ from atlas_pl.data.tasks import TaskInfo
 
 __all__ = ["ENCODING_VERSION", "encode_split", "verbalizer_ids"]
 
-ENCODING_VERSION = "1"
+ENCODING_VERSION = "2"
 """Bump when the encoders change, to invalidate cached encodings."""
 
 
@@ -47,6 +47,8 @@ def _encode_batch(
     targets = batch.get("target")
     if targets is not None:
         out["target"] = list(targets)
+        refs = batch.get("references")
+        out["references"] = [list(r) for r in refs] if refs is not None else [[t] for t in targets]
     for i, (text, pair) in enumerate(zip(batch["text"], pairs)):
         label = -1 if targets is not None else int(batch["label"][i])
         if task_format == "classification":
@@ -85,7 +87,8 @@ def encode_split(
 
     Returns:
         A dataset with ``input_ids``, ``labels`` (list for causal LM, int for classification), ``label`` (``-1`` for
-        generative tasks) and, for generative tasks, ``target``. File-backed inputs are cached beside their Arrow
+        generative tasks) and, for generative tasks, ``target`` and ``references`` (every reference answer).
+        File-backed inputs are cached beside their Arrow
         files (hit on the next call with the same settings).
     """
     kwargs = {

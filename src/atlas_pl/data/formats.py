@@ -204,13 +204,15 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         batch: Encoded examples with ``input_ids`` (list), ``labels`` (list for causal LM, int for classification)
             and ``client_idx`` (int, identical across the batch). Optional: an int ``label`` (class index, ``-1`` for
             generative tasks), an int ``task_id`` (identical across the batch) and a str ``target`` (reference answer
-            of generative tasks). Other keys (e.g. ``task``) are dropped.
+            of generative tasks) with, optionally, its list ``references`` (every reference, for scoring). Other
+            keys (e.g. ``task``) are dropped.
         pad_id: Token id used for padding ``input_ids``.
 
     Returns:
         ``input_ids`` LongTensor[B, T], ``attention_mask`` LongTensor[B, T] (1 real, 0 pad), ``labels``
         (LongTensor[B, T] padded with -100, or LongTensor[B]), ``label`` LongTensor[B] (when items carry it),
-        ``client_idx`` and ``task_id`` as python ints, and ``targets`` (list of str) when items carry ``target``.
+        ``client_idx`` and ``task_id`` as python ints, and ``targets`` (list of str) and ``references`` (list of
+        lists of str; ``[target]`` where an item has none) when items carry ``target``.
         An idle padding item (``{"idle": True, "client_idx": -1}``) comes back as it is.
 
     Raises:
@@ -246,6 +248,9 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         out["task_id"] = task_id
     if any(item.get("target") is not None for item in batch):
         out["targets"] = [str(item.get("target") or "") for item in batch]
+        out["references"] = [
+            [str(r) for r in item.get("references") or [item.get("target") or ""]] for item in batch
+        ]
     return out
 
 

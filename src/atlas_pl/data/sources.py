@@ -8,6 +8,7 @@ Sources: a folder in the normalized JSONL format (``<data_dir>/<name>/{train,val
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from atlas_pl.data.labels import check_label_column, label_names
 from atlas_pl.data.synthetic import make_synthetic_tasks
-from atlas_pl.data.tasks import Task, TaskSpec, default_label_words, default_template, validate_template
+from atlas_pl.data.tasks import Task, TaskSpec, default_label_words, default_template, kind_of, validate_template
 
 __all__ = ["SPLITS", "available_tasks", "load_task", "load_tasks"]
 
@@ -40,6 +41,7 @@ _TARGET_GUESSES: dict[str, list[str]] = {
     "qa": ["answer", "answers", "target"],
     "summarization": ["summary", "highlights", "target"],
 }
+_REFERENCE_GUESSES: dict[str, list[str]] = {"qa": ["answers"], "summarization": ["summaries", "references"]}
 
 
 def available_tasks(data_dir: str | os.PathLike) -> list[str]:
@@ -131,26 +133,30 @@ def _hub(spec: TaskSpec, cache_dir: str | None) -> dict[str, Any]:
         ) from exc
 
 
-def _columns(spec: TaskSpec, columns: list[str]) -> tuple[str, str | None, str | None]:
+def _columns(spec: TaskSpec, columns: list[str]) -> tuple[str, str | None, str | None, str | None]:
     text, pair = spec.text_column, spec.text_pair_column
     if text is None:
-        guesses = [g for g in _TEXT_GUESSES[spec.kind] if g[0] in columns and (g[1] is None or g[1] in columns)]
+        guesses = [g for g in _TEXT_GUESSES[str(spec.kind)] if g[0] in columns and (g[1] is None or g[1] in columns)]
         if not guesses:
             raise ValueError(
                 f"task {spec.name!r}: no text column among {columns}; fix: set text_column (and text_pair_column)."
             )
         text, pair = guesses[0][0], pair or guesses[0][1]
     target = spec.target_column
+    refs = spec.references_column
     if spec.kind != "classification" and target is None:
-        target = next((c for c in _TARGET_GUESSES[spec.kind] if c in columns), None)
-    for role, col in (("text_column", text), ("text_pair_column", pair), ("target_column", target)):
+        target = next((c for c in _TARGET_GUESSES[str(spec.kind)] if c in columns), None)
+    if spec.kind != "classification" and refs is None:
+        refs = next((c for c in _REFERENCE_GUESSES[str(spec.kind)] if c in columns), None)
+    roles = (("text_column", text), ("text_pair_column", pair), ("target_column", target), ("references_column", refs))
+    for role, col in roles:
         if col is not None and col not in columns:
             raise ValueError(f"task {spec.name!r}: {role}={col!r} is not a column of {columns}; fix: set {role}.")
     if spec.kind == "classification" and spec.label_column not in columns:
         raise ValueError(f"task {spec.name!r}: label_column={spec.label_column!r} not in {columns}; fix: set it.")
     if spec.kind != "classification" and target is None:
         raise ValueError(f"task {spec.name!r}: no target column among {columns}; fix: set target_column.")
-    return text, pair, target
+    return text, pair, target, refs
 
 
 def _target_str(value: Any) -> str:
@@ -161,6 +167,18 @@ def _target_str(value: Any) -> str:
     return str(value)
 
 
+def _reference_list(value: Any, target: str) -> list[str]:
+    """Every reference of one example: a list, a SQuAD-style ``{"text": [...]}`` dict or one string.
+
+    The target comes first when it is not among them; empty strings are dropped.
+    """
+    if isinstance(value, dict):
+        value = value.get("text", [])
+    values = [str(v) for v in value] if isinstance(value, (list, tuple)) else [] if value is None else [str(value)]
+    out = [v for v in values if v.strip()]
+    return out if target in out else [target, *out]
+
+
 def _normalize_batch(
     batch: dict[str, list],
     text: str,
@@ -168,12 +186,15 @@ def _normalize_batch(
     label: str | None,
     target: str | None,
     label_map: dict[str, int] | None,
+    refs: str | None = None,
 ) -> dict[str, list]:
     out: dict[str, list] = {"text": [str(v) for v in batch[text]]}
     if pair is not None:
         out["text_pair"] = [str(v) for v in batch[pair]]
     if target is not None:
         out["target"] = [_target_str(v) for v in batch[target]]
+        given = batch[refs] if refs is not None else [None] * len(out["target"])
+        out["references"] = [_reference_list(v, t) for v, t in zip(given, out["target"])]
     elif label is not None:  # checked by check_label_column before
         values = batch[label]
         out["label"] = [label_map[str(v)] if label_map is not None else int(v) for v in values]
@@ -187,6 +208,7 @@ def _features(pair: str | None, label: str | None, target: str | None) -> datase
         features["text_pair"] = datasets.Value("string")
     if target is not None:
         features["target"] = datasets.Value("string")
+        features["references"] = datasets.Sequence(datasets.Value("string"))
     elif label is not None:
         features["label"] = datasets.Value("int64")
     return datasets.Features(features)
@@ -209,7 +231,8 @@ def _normalize(
             f"task {spec.name!r} has no train split (found {sorted(raw)}); fix: provide one, or map a split with "
             "split_names: {train: <name>}."
         )
-    text, pair, target = _columns(spec, renamed["train"].column_names)
+    spec = dataclasses.replace(spec, kind=kind_of(spec, meta))  # type: ignore[arg-type]
+    text, pair, target, refs = _columns(spec, renamed["train"].column_names)
     is_cls = spec.kind == "classification"
     names, label_map = _label_names(spec, renamed, meta) if is_cls else ([], None)
     label = spec.label_column if is_cls else None
@@ -219,6 +242,7 @@ def _normalize(
         "label": label,
         "target": target,
         "label_map": label_map,
+        "refs": refs,
     }
     features = _features(pair, label, target)
     splits: dict[str, Any] = {}
@@ -226,7 +250,7 @@ def _normalize(
         where = origins.get(spec.split_names.get(split, split), f"split {split!r}")
         if is_cls and not check_label_column(spec.name, where, spec.label_column, ds, names, label_map):
             continue  # an unlabelled (all -1) hub test split
-        fp = datasets.fingerprint.Hasher.hash([ds._fingerprint, kwargs, "normalize-v2"])
+        fp = datasets.fingerprint.Hasher.hash([ds._fingerprint, kwargs, "normalize-v3"])
         splits[split] = ds.map(
             _normalize_batch,
             batched=True,
@@ -244,14 +268,14 @@ def _normalize(
             f"task {spec.name!r}: {len(words)} label_words for {len(names)} labels {names}; fix: one word per label."
         )
     if spec.template is None and not (spec.kind == "classification" and pair is None and template is not None):
-        template = default_template(spec.kind, pair is not None)
+        template = default_template(str(spec.kind), pair is not None)
     template = spec.template or template
     assert template is not None
     validate_template(spec.name, template, pair is not None)
     return Task(
         spec.name,
         spec.group or meta.get("group") or spec.name,
-        spec.kind,
+        str(spec.kind),
         names,
         list(words),
         template,

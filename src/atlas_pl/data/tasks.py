@@ -23,6 +23,7 @@ __all__ = [
     "default_label_words",
     "default_template",
     "head_ids",
+    "kind_of",
     "template_fields",
     "validate_template",
 ]
@@ -119,12 +120,17 @@ class TaskSpec:
         path: Folder, file (the train split), or hub dataset name (``"glue"``, ``"ag_news"``).
         hf_config: Hub configuration name (``"sst2"`` for ``glue``).
         data_files: Split name to file(s), for csv/jsonl/hf sources (``{"train": "a.csv", "test": "b.csv"}``).
-        kind: ``"classification"``, ``"qa"`` or ``"summarization"``.
+        kind: ``"classification"``, ``"qa"`` or ``"summarization"``; ``None`` (the default) reads a folder's
+            ``meta.json`` ``task_type`` (``extractive_qa`` → ``qa``, ``summarization``), else ``"classification"``.
         group: Task group (for logging and clustering evaluation); defaults to ``meta.json`` group or ``name``.
         text_column: Column holding the input text (``"context"`` for qa by default).
         text_pair_column: Column holding the second text (``"question"`` for qa by default), if any.
         label_column: Column holding the class (int id or string name), classification only.
-        target_column: Column holding the reference answer (``"answer"``/``"summary"`` by default), generative only.
+        target_column: Column holding the reference answer trained on (``"answer"``/``"summary"`` by default),
+            generative only.
+        references_column: Column holding every reference of an example (a list of strings, scored by the best
+            match: SQuAD EM/F1 take the maximum over answers, ROUGE-L the best reference); default ``"answers"`` (qa) /
+            ``"summaries"`` (summarization) when present, else the target alone.
         label_names: Class names in id order; string labels map to ids by this order (default: sorted unique values).
         label_words: Verbalizer words, with the leading space; default from ``label_names``.
         template: Prompt template; default per kind (:data:`DEFAULT_TEMPLATES`).
@@ -138,12 +144,13 @@ class TaskSpec:
     path: str | None = None
     hf_config: str | None = None
     data_files: dict[str, str] | None = None
-    kind: TaskKind = "classification"
+    kind: TaskKind | None = None
     group: str | None = None
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str = "label"
     target_column: str | None = None
+    references_column: str | None = None
     label_names: list[str] | None = None
     label_words: list[str] | None = None
     template: str | None = None
@@ -172,7 +179,7 @@ class TaskSpec:
             out = cls(**spec)
         else:
             raise ValueError(f"task spec {spec!r} must be a str or dict; fix: e.g. 'sst2' or {{'name': 'sst2'}}.")
-        if out.kind not in KINDS:
+        if out.kind is not None and out.kind not in KINDS:
             raise ValueError(f"task {out.name!r}: kind={out.kind!r} is invalid; fix: use one of {list(KINDS)}.")
         if out.source is not None and out.source not in SOURCES:
             raise ValueError(f"task {out.name!r}: source={out.source!r} is invalid; fix: use one of {list(SOURCES)}.")
@@ -181,6 +188,35 @@ class TaskSpec:
                 f"task {out.name!r}: max_train_examples={out.max_train_examples!r}; fix: pass an int >= 1 or null."
             )
         return out
+
+    @property
+    def generative(self) -> bool:
+        """Whether the spec says the task is qa or summarization (``kind=None`` is decided when loading)."""
+        return self.kind not in (None, "classification")
+
+
+TASK_TYPES: dict[str, str] = {"classification": "classification", "text_classification": "classification",
+                              "extractive_qa": "qa", "qa": "qa", "summarization": "summarization"}  # fmt: skip
+"""``meta.json`` ``task_type`` → task kind."""
+
+
+def kind_of(spec: TaskSpec, meta: dict[str, Any]) -> str:
+    """The task's kind: the spec's, else its ``meta.json`` ``task_type``, else ``"classification"``.
+
+    Raises:
+        ValueError: ``meta.json`` names a task type this package does not know.
+    """
+    if spec.kind is not None:
+        return spec.kind
+    task_type = meta.get("task_type")
+    if task_type is None:
+        return "classification"
+    if task_type not in TASK_TYPES:
+        raise ValueError(
+            f"task {spec.name!r}: meta.json task_type={task_type!r} is not supported; fix: set `kind` to one of "
+            f"{list(KINDS)} in the task spec, or use one of {sorted(TASK_TYPES)}."
+        )
+    return TASK_TYPES[task_type]
 
 
 @dataclass

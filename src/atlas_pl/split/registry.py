@@ -9,13 +9,47 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 TaskKind = Literal["causal_lm", "classification"]
+
+
+class EmbedFn(Protocol):
+    """``(model, input_ids, position_ids=None) -> hidden``: token (and, for GPT-2, position) embeddings.
+
+    ``position_ids`` (``[B, T]``) default to ``0 .. T-1``; generation passes the real positions of left-padded rows
+    and of tokens decoded after a cached prefix.
+    """
+
+    def __call__(
+        self, model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
+class ContextFn(Protocol):
+    """``(model, hidden, attention_mask, ...) -> kwargs`` passed to every block of one half (masks, positions).
+
+    Without the keyword arguments this is the training context: positions ``0 .. T-1``, no cache. Incremental decoding
+    passes ``position_ids`` (``[B, T]``), a ``cache`` holding the keys/values of the tokens seen so far, an
+    ``attention_mask`` over those tokens plus the ``T`` new ones, and ``first_block``: the index of the first block the
+    context is used with (the cache layer the mask is sized against; the server half's blocks start at the cut).
+    """
+
+    def __call__(
+        self,
+        model: Any,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        first_block: int = 0,
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -30,9 +64,11 @@ class ArchSpec:
         default_targets: LoRA target module suffixes inside one block.
         all_targets: Every linear suffix in a block that LoRA may target.
         fan_in_fan_out: ``True`` for HF ``Conv1D`` (GPT-2).
-        embed: ``(model, input_ids) -> hidden``.
-        context: ``(model, hidden, attention_mask) -> kwargs`` passed to every block (masks, positions).
-        run_block: ``(block, hidden, kwargs) -> hidden``.
+        embed: ``(model, input_ids, position_ids=None) -> hidden`` (see :class:`EmbedFn`).
+        context: ``(model, hidden, attention_mask, *, position_ids=None, cache=None, first_block=0) -> kwargs``
+            passed to every block (masks, positions, and the KV cache when decoding; see :class:`ContextFn`).
+        run_block: ``(block, hidden, kwargs) -> hidden``; a ``"cache"`` entry in the kwargs makes the block read and
+            append its keys/values there.
         final_norm_path: Dotted path of the final norm, or ``None``.
         head_path: Dotted path of the output head (LM head or classifier).
     """
@@ -44,8 +80,8 @@ class ArchSpec:
     default_targets: tuple[str, ...]
     all_targets: tuple[str, ...]
     fan_in_fan_out: bool
-    embed: Callable[[Any, torch.Tensor], torch.Tensor]
-    context: Callable[[Any, torch.Tensor, torch.Tensor], dict[str, Any]]
+    embed: EmbedFn
+    context: ContextFn
     run_block: Callable[[Any, torch.Tensor, dict[str, Any]], torch.Tensor]
     final_norm_path: str | None
     head_path: str
@@ -62,50 +98,105 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------------------------
-def _gpt2_embed(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+def _gpt2_embed(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     t = model.transformer
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    return t.drop(t.wte(input_ids) + t.wpe(positions))
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    return t.drop(t.wte(input_ids) + t.wpe(position_ids))
 
 
-def _causal_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    positions = _positions(hidden)
+def _causal_context(
+    model: Any,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    first_block: int = 0,
+) -> dict[str, Any]:
+    positions = _positions(hidden) if position_ids is None else position_ids
+    if cache is None:
+        mask = create_causal_mask(
+            config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
+        )
+        return {"attention_mask": mask, "position_ids": positions}
+    # `create_causal_mask` sizes the mask against one cache layer (by default layer 0). A half's blocks have not yet
+    # appended this step's keys/values when its context is built, but the server half's context is built after the
+    # client's blocks ran: size it against the half's own first block.
     mask = create_causal_mask(
-        config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
+        config=model.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        cache=cache,
+        position_ids=positions,
+        layer_idx=first_block,
     )
-    return {"attention_mask": mask, "position_ids": positions}
+    return {"attention_mask": mask, "position_ids": positions, "cache": cache}
 
 
 def _gpt2_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-    return block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
+    cache = ctx.get("cache")
+    if cache is None:
+        return block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
+    return block(hidden, cache, ctx["attention_mask"], position_ids=ctx["position_ids"], use_cache=True)
 
 
 # --- LLaMA family ---------------------------------------------------------------------------------------------
-def _llama_embed(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    return model.model.embed_tokens(input_ids)
+def _llama_embed(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    return model.model.embed_tokens(input_ids)  # positions enter through the rotary embeddings (the context)
 
 
-def _llama_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    ctx = _causal_context(model, hidden, attention_mask)
+def _llama_context(
+    model: Any,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    first_block: int = 0,
+) -> dict[str, Any]:
+    ctx = _causal_context(
+        model, hidden, attention_mask, position_ids=position_ids, cache=cache, first_block=first_block
+    )
     ctx["position_embeddings"] = model.model.rotary_emb(hidden, position_ids=ctx["position_ids"])
     return ctx
 
 
 def _llama_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    cache = ctx.get("cache")
+    if cache is None:
+        return block(
+            hidden,
+            attention_mask=ctx["attention_mask"],
+            position_embeddings=ctx["position_embeddings"],
+            position_ids=ctx["position_ids"],
+        )
     return block(
         hidden,
         attention_mask=ctx["attention_mask"],
         position_embeddings=ctx["position_embeddings"],
         position_ids=ctx["position_ids"],
+        cache=cache,
+        use_cache=True,
     )
 
 
 # --- BERT family ----------------------------------------------------------------------------------------------
-def _bert_embed(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    return model.bert.embeddings(input_ids=input_ids)
+def _bert_embed(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    return model.bert.embeddings(input_ids=input_ids, position_ids=position_ids)
 
 
-def _bert_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+def _bert_context(
+    model: Any,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    first_block: int = 0,
+) -> dict[str, Any]:
+    if cache is not None:
+        raise ValueError("BERT is an encoder: it has no KV cache and does not generate; use a causal LM (GPT-2, LLaMA)")
     mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)
     return {"attention_mask": mask}
 
