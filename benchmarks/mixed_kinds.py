@@ -113,8 +113,8 @@ def trained(seeds: list[int], tune_seeds: list[int]) -> dict[str, dict[str, Any]
         lr, _ = compare.choose_lr(rows, WORKLOAD, method, tune_seeds)
         if lr is None:
             continue
-        finals = {r["seed"]: r["test_task_metrics"] for r in rows
-                  if r["method"] == method and r["lr"] == lr and r["seed"] in seeds and r["test_task_metrics"]}  # fmt: skip
+        mine = [r for r in rows if r["method"] == method and r["lr"] == lr and r["seed"] in seeds]
+        finals = {r["seed"]: r["test_task_metrics"] for r in mine if r["test_task_metrics"]}
         if finals:
             out[method] = {"lr": lr, "by_seed": finals}
     return out
