@@ -91,9 +91,13 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm_budgets": ("configs/minilm.yaml", {"callbacks": {"RankAllocation": {"budgets": {"peak_at_ranks": [
         2, 4, 8, 16]}}}}),
     "demo": ("configs/demo.yaml", {}),  # synthetic tasks, random weights: exercises the protocol in seconds
-    # tasks of different kinds (classification, extractive QA, two summarization tasks), budgets that bind
-    "smollm2_mixed": ("configs/smollm2_mixed.yaml", {"callbacks": {"RankAllocation": {"budgets": {"peak_at_ranks": [
-        4, 8, 16]}}}}),
+    # tasks of different kinds (classification, extractive QA, two summarization tasks), budgets that bind; sized for
+    # a CPU (shorter sequences, 2 local steps, 4 validation and 16 test examples per client, 4 signal batches)
+    "smollm2_mixed": ("configs/smollm2_mixed.yaml", {
+        "data": {"max_length": 160, "local_steps": 2, "max_val_examples_per_client": 4,
+                 "max_eval_examples_per_client": 16},
+        "callbacks": {"RankAllocation": {"budgets": {"peak_at_ranks": [4, 8, 16]}},
+                      "TaskClustering": {"num_batches": 4}}}),
 }  # fmt: skip
 # workloads judged by each task's own metric (``score``: accuracy, SQuAD F1, ROUGE-L), grouped by task kind; the
 # others by accuracy, grouped by task group

@@ -40,3 +40,23 @@ def test_rescore_reclusters_stored_fingerprints_under_every_bar(tmp_path) -> Non
     assert by["grad_B", "chance", 0.0]["ari_group_at_true_k"] == [1.0]
     assert set(by["grad_B", 0.25, 0.0]["K_at_min_silhouette"]) == {"chance", "uniform", 0.25, 0.2, 0.15}
     assert (tmp_path / "minilm_clustering.csv").read_text().startswith("seed,signal,min_silhouette,bar,")
+
+
+def test_rescore_of_the_mixed_workload_scores_task_and_kind_too(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    tasks = np.repeat(np.arange(5), 2)  # 5 tasks, 2 clients each
+    kinds = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])  # classification x2, qa, summarization x2
+    centers = rng.standard_normal((5, 64))
+    by_task = centers[tasks] + 0.05 * rng.standard_normal((10, 64))
+    by_kind = rng.standard_normal((3, 64))[kinds] + 0.05 * rng.standard_normal((10, 64))
+    np.savez(tmp_path / "smollm2_mixed_clustering_fingerprints.npz", grad_B_seed0=by_task, contrast_seed0=by_kind,
+             update_seed0=by_task, groups_seed0=tasks, task_seed0=tasks, kind_seed0=kinds)  # fmt: skip
+
+    report = conflict_clustering.main(["--workload", "smollm2_mixed", "--rescore", "--seeds", "0", "--out",
+                                       str(tmp_path)])  # fmt: skip
+
+    by = {(s["signal"], s["min_silhouette"], s["k_tolerance"]): s for s in report["summary"]}
+    assert {s for s, _, _ in by} == {"grad_B", "contrast", "update"}
+    assert by["grad_B", "chance", 0.0]["ari_task"] == [1.0] and by["grad_B", "chance", 0.0]["ari_kind"][0] < 1.0
+    assert by["contrast", "chance", 0.0]["ari_kind"] == [1.0] and by["contrast", "chance", 0.0]["ari_task"][0] < 1.0
+    assert by["update", "chance", 0.0]["ari_task_at_true_k"] == [1.0]
