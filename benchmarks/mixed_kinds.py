@@ -16,7 +16,7 @@ ag_news (classification), squad (extractive QA), dialogsum and aeslc (summarizat
 5. **examples** — a few generated answers of ATLAS's seed-0 test run.
 
 Outputs (atomic): ``results/mixed_kinds.{json,csv,png}`` and the section between ``<!-- mixed_kinds:begin -->`` and
-``<!-- mixed_kinds:end -->`` in ``benchmarks/README.md``. Runs go to ``results/mixed_kinds_runs/`` (checkpoints and
+``<!-- mixed_kinds:end -->`` in ``benchmarks/README.md`` and ``README.md``. Runs go to ``results/mixed_kinds_runs/`` (checkpoints and
 event files are not committed); a finished run is not repeated.
 
 Usage::
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_report(RESULTS, "mixed_kinds", report, rows)
     plot(rows, RESULTS / "mixed_kinds.png")
     text = markdown(report)
-    write_readme_section(ROOT / "benchmarks" / "README.md", "mixed_kinds", "Tasks of different kinds", text)
+    for readme in (ROOT / "benchmarks" / "README.md", ROOT / "README.md"):
+        write_readme_section(readme, "mixed_kinds", "Tasks of different kinds", text)
     print(text)
     return report
 
