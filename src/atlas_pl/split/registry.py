@@ -115,30 +115,25 @@ def _causal_context(
     first_block: int = 0,
 ) -> dict[str, Any]:
     positions = _positions(hidden) if position_ids is None else position_ids
-    if cache is None:
-        mask = create_causal_mask(
-            config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=positions
-        )
-        return {"attention_mask": mask, "position_ids": positions}
     # `create_causal_mask` sizes the mask against one cache layer (by default layer 0). A half's blocks have not yet
     # appended this step's keys/values when its context is built, but the server half's context is built after the
     # client's blocks ran: size it against the half's own first block.
-    mask = create_causal_mask(
-        config=model.config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        cache=cache,
-        position_ids=positions,
-        layer_idx=first_block,
-    )
-    return {"attention_mask": mask, "position_ids": positions, "cache": cache}
+    at_layer = {} if cache is None else {"layer_idx": first_block}
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                              position_ids=positions, **at_layer)  # fmt: skip
+    ctx = {"attention_mask": mask, "position_ids": positions}
+    return ctx if cache is None else {**ctx, "cache": cache}
+
+
+def _cache_kwargs(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The block arguments that make it read and append its keys/values in the context's cache (none without one)."""
+    return {} if ctx.get("cache") is None else {"cache": ctx["cache"], "use_cache": True}
 
 
 def _gpt2_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     cache = ctx.get("cache")
-    if cache is None:
-        return block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
-    return block(hidden, cache, ctx["attention_mask"], position_ids=ctx["position_ids"], use_cache=True)
+    extra = {} if cache is None else {"use_cache": True}
+    return block(hidden, cache, ctx["attention_mask"], position_ids=ctx["position_ids"], **extra)
 
 
 # --- LLaMA family ---------------------------------------------------------------------------------------------
@@ -163,21 +158,12 @@ def _llama_context(
 
 
 def _llama_block(block: Any, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-    cache = ctx.get("cache")
-    if cache is None:
-        return block(
-            hidden,
-            attention_mask=ctx["attention_mask"],
-            position_embeddings=ctx["position_embeddings"],
-            position_ids=ctx["position_ids"],
-        )
     return block(
         hidden,
         attention_mask=ctx["attention_mask"],
         position_embeddings=ctx["position_embeddings"],
         position_ids=ctx["position_ids"],
-        cache=cache,
-        use_cache=True,
+        **_cache_kwargs(ctx),
     )
 
 
