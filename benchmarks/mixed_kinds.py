@@ -9,21 +9,23 @@ ag_news (classification), squad (extractive QA), dialogsum and aeslc (summarizat
 2. **trained** — the runs of ``python benchmarks/compare.py --workloads smollm2_mixed`` (each method at the learning
    rate it chose on validation, test split, every final seed): per task its metrics (accuracy; SQuAD EM / F1, the best
    of the gold answers; ROUGE-1/2/L against the best reference), the gain over the floor.
-3. **generation cost** — one profiled ATLAS fit of two rounds (``--trainer.profiler atlas_pl.profiling.RoundProfiler``):
-   the share of a round spent generating answers, beside the rest of evaluation and training.
-4. **phase 1** — ``results/smollm2_mixed_clustering.json`` when present (``python benchmarks/conflict_clustering.py
-   --workload smollm2_mixed``): ARI of the clusters against the true task and the task kind, per signal.
+3. **generation cost** — one profiled ATLAS fit of one round (``--trainer.profiler atlas_pl.profiling.RoundProfiler``):
+   the share of the round spent generating answers, beside the rest of evaluation and training.
+4. **phase 1** — the clusters the comparison's runs found (``cluster_ids`` of their ``results.json``; the truth from
+   their ``partition.json``): ATLAS's (gradient fingerprints, ``contrast`` signal, K chosen by silhouette) and
+   FL-TAC's (the adapter change of the first local steps, K = the number of tasks), ARI against the true task and the
+   task kind (classification / qa / summarization).
 5. **examples** — a few generated answers of ATLAS's seed-0 test run.
 
 Outputs (atomic): ``results/mixed_kinds.{json,csv,png}`` and the section between ``<!-- mixed_kinds:begin -->`` and
-``<!-- mixed_kinds:end -->`` in ``benchmarks/README.md`` and ``README.md``. Runs go to ``results/mixed_kinds_runs/`` (checkpoints and
-event files are not committed); a finished run is not repeated.
+``<!-- mixed_kinds:end -->`` in ``benchmarks/README.md`` and ``README.md``. Runs go to ``results/mixed_kinds_runs/``
+(checkpoints and event files are not committed); a finished run is not repeated.
 
 Usage::
 
-    python benchmarks/compare.py --workloads smollm2_mixed --rounds 3 --lrs 1e-3 3e-3 --extend 0   # the trained runs
-    python benchmarks/conflict_clustering.py --workload smollm2_mixed --seeds 0 1 2                 # phase 1
-    python benchmarks/mixed_kinds.py                                                                # the rest + report
+    python benchmarks/compare.py --workloads smollm2_mixed --rounds 3 --lrs 1e-3 4e-3 --extend 0 --no-measure
+    python benchmarks/mixed_kinds.py                    # zero-shot and profile runs, then the report
+    python benchmarks/mixed_kinds.py --stage report     # re-read the runs present, rewrite the outputs
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def _run(cmd: list[str], folder: Path, done: Path) -> None:
         raise SystemExit(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode}); see {folder / 'log.txt'}")
 
 
+def _workload_args() -> list[str]:
+    """The workload's data overrides of the base config (``compare.WORKLOADS``), as command-line arguments: the
+    zero-shot and profile runs see the clients, sequences and test examples the comparison's runs see."""
+    data = compare.config_overrides(WORKLOAD).get("data", {})
+    return [arg for key, value in data.items() for arg in (f"--data.{key}", json.dumps(value))]
+
+
 def _logger(folder: Path, name: str, version: str) -> list[str]:
     rel = os.path.relpath(folder, ROOT)
     return ["--trainer.logger.init_args.save_dir", rel, "--trainer.logger.init_args.name", name,
@@ -77,28 +86,44 @@ def _logger(folder: Path, name: str, version: str) -> list[str]:
 def zero_shot(seed: int) -> dict[str, float]:
     """Test metrics of the untrained federation at ``seed`` (the pretrained model behind zero LoRA updates)."""
     folder = RUNS / "zero_shot" / f"seed{seed}"
-    cmd = [compare.ATLAS_PL, "test", "--config", CONFIG, "--seed_everything", str(seed), "--data.seed", str(seed),
-           *_logger(RUNS, "zero_shot", f"seed{seed}")]  # fmt: skip
+    cmd = [compare.ATLAS_PL, "test", "--config", CONFIG, *_workload_args(), "--seed_everything", str(seed),
+           "--data.seed", str(seed), *_logger(RUNS, "zero_shot", f"seed{seed}")]  # fmt: skip
     _run(cmd, folder, folder / "test_results.json")
     return json.loads((folder / "test_results.json").read_text())["metrics"]
 
 
-def profile(rounds: int = 2) -> dict[str, Any]:
-    """Median seconds per part of a round (rounds after the first) of an ATLAS fit under ``RoundProfiler``."""
+def profile(rounds: int = 1) -> dict[str, Any]:
+    """Median seconds per part of a round (the rounds after the first, if more than one) of the comparison's ATLAS
+    run (its overlay: budgets, signal batches, sequences) under ``RoundProfiler``."""
     from statistics import median
+
+    import yaml
 
     folder = RUNS / "profile"
     out = folder / "profile.rounds.json"
-    cmd = [compare.ATLAS_PL, "fit", "--config", CONFIG, "--trainer.max_epochs", str(rounds),
-           "--trainer.profiler", "atlas_pl.profiling.RoundProfiler",
-           "--trainer.profiler.dirpath", os.path.relpath(folder, ROOT), "--trainer.profiler.filename", "profile",
-           *_logger(RUNS, "profile", "seed0")]  # fmt: skip
+    run = compare.build_run(WORKLOAD, "atlas", 2e-3, 0, rounds)
+    overlay = run["overlay"]
+    callbacks = overlay["trainer"]["callbacks"]
+    overlay["trainer"]["callbacks"] = [c for c in callbacks if "Checkpoint" not in c["class_path"]]
+    overlay["trainer"]["logger"]["init_args"] = {"save_dir": os.path.relpath(RUNS, ROOT), "name": "profile",
+                                                 "version": "seed0"}  # fmt: skip
+    overlay["trainer"]["profiler"] = {"class_path": "atlas_pl.profiling.RoundProfiler",
+                                      "init_args": {"dirpath": os.path.relpath(folder, ROOT), "filename": "profile"}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "overlay.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    cmd = [compare.ATLAS_PL, "fit", "--config", CONFIG, "--config", "configs/baselines/atlas.yaml", "--config",
+           os.path.relpath(folder / "overlay.yaml", ROOT), "--seed_everything", "0", "--model.learning_rate", "2e-3",
+           "--trainer.max_epochs", str(rounds)]  # fmt: skip
     _run(cmd, folder, out)
     data = json.loads(out.read_text())
     rounds_ = data["rounds"][1:] or data["rounds"]
     med = {p: float(median(r.get(p, 0.0) for r in rounds_)) for p in (*data["parts"], "round")}
     return {"rounds_measured": len(rounds_), "seconds": med,
             "share": {p: med[p] / med["round"] for p in data["parts"]}}  # fmt: skip
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def task_kinds() -> dict[str, str]:
@@ -147,6 +172,27 @@ def _tasks(metrics: dict[str, float]) -> dict[str, float]:
     return {k[len("test_task/"):]: v for k, v in metrics.items() if k.startswith("test_task/")}
 
 
+def clusters() -> list[dict[str, Any]]:
+    """Phase 1 of every finished ATLAS and FL-TAC run: K and ARI of its clusters against the true task and kind."""
+    from atlas_pl.algorithms.clustering import clustering_scores
+
+    out = []
+    for method, signal in (("atlas", "fingerprint (contrast), K by silhouette"),
+                           ("fltac", "first local steps' adapter change, K = 5")):  # fmt: skip
+        for folder in sorted((compare.PATHS.runs / WORKLOAD / method).glob("lr*/seed*")):
+            res, part = folder / "results.json", folder / "partition.json"
+            if not (res.exists() and part.exists()):
+                continue
+            labels = json.loads(res.read_text())["cluster_ids"]
+            rows = sorted(json.loads(part.read_text()), key=lambda r: r["client_idx"])
+            kinds = list(dict.fromkeys(r["kind"] for r in rows))
+            task = clustering_scores(labels, [r["task_id"] for r in rows])["ari"]
+            kind = clustering_scores(labels, [kinds.index(r["kind"]) for r in rows])["ari"]
+            out.append({"method": method, "signal": signal, "run": f"{folder.parent.name}/{folder.name}",
+                        "K": len(set(labels)), "clusters": labels, "ari_task": task, "ari_kind": kind})  # fmt: skip
+    return out
+
+
 def examples(per_task: int = 1) -> dict[str, list[dict[str, Any]]]:
     """A few generated answers of ATLAS's seed-0 test run (from its ``test_results.json``)."""
     rows = [r for r in compare.collect_rows(False, {}) if r["workload"] == WORKLOAD and r["method"] == "atlas"]
@@ -190,11 +236,17 @@ def markdown(report: dict[str, Any]) -> str:
                       f"{100 * (s['client'] + s['server']):.1f} %."]  # fmt: skip
     clus = report.get("clustering")
     if clus:
-        lines += ["", "Phase 1 (ARI of the clusters, mean over seeds; `python benchmarks/conflict_clustering.py "
-                      "--workload smollm2_mixed`):", "", "| signal | K per seed | ARI vs task | ARI vs kind |",
-                  "|---|---|---|---|"]  # fmt: skip
-        for c in clus:
-            lines.append(f"| {c['signal']} | {c['K']} | {c['ari_task_mean']:.2f} | {c['ari_kind_mean']:.2f} |")
+        lines += ["", "Phase 1 in the comparison's runs (every finished ATLAS / FL-TAC fit, each learning rate and "
+                      "seed): the clusters against the true task and the task kind.", "",
+                  "| method | signal | runs | K | ARI vs task | ARI vs kind |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for method in dict.fromkeys(c["method"] for c in clus):
+            mine = [c for c in clus if c["method"] == method]
+            ks = sorted({c["K"] for c in mine})
+            task = [c["ari_task"] for c in mine]
+            kind = [c["ari_kind"] for c in mine]
+            lines.append(f"| {method} | {mine[0]['signal']} | {len(mine)} | {', '.join(map(str, ks))} | "
+                         f"{min(task):.2f}–{max(task):.2f} | {min(kind):.2f}–{max(kind):.2f} |")  # fmt: skip
     ex = report.get("examples")
     if ex:
         lines += ["", "Generated answers (ATLAS, seed 0, test split, first example of each task):", ""]
@@ -233,22 +285,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="final seeds (as compare.py's --seeds)")
     p.add_argument("--tune-seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--no-profile", action="store_true", help="skip the profiled fit")
+    p.add_argument("--stage", choices=("all", "runs", "report"), default="all",
+                   help="runs: the zero-shot and profile runs only; report: only what is present")  # fmt: skip
     args = p.parse_args(argv)
-    floors = {s: zero_shot(s) for s in args.seeds}
+    if args.stage != "report":
+        for s in args.seeds:
+            zero_shot(s)
+        profile()
+        if args.stage == "runs":
+            return {}
+    floors = {s: _read(RUNS / "zero_shot" / f"seed{s}" / "test_results.json")["metrics"] for s in args.seeds
+              if (RUNS / "zero_shot" / f"seed{s}" / "test_results.json").exists()}  # fmt: skip
     runs = trained(args.seeds, args.tune_seeds)
     rows = table(floors, runs)
-    clustering_path = RESULTS / "smollm2_mixed_clustering.json"
-    clustering = None
-    if clustering_path.exists():
-        summary = json.loads(clustering_path.read_text())["summary"]
-        clustering = [c for c in summary if c["min_silhouette"] == "chance" and c["k_tolerance"] == 0.1]
+    prof = profile() if (RUNS / "profile" / "profile.rounds.json").exists() else None
     rounds = max((len(r.get("acc_per_round") or []) for r in compare.collect_rows(False, {})
                   if r["workload"] == WORKLOAD), default=0)  # fmt: skip
     report = {"settings": {"workload": WORKLOAD, "config": CONFIG, "seeds": args.seeds, "rounds": rounds,
                            "tune_seeds": args.tune_seeds},
               "machine": machine_info(), "table": rows, "zero_shot": floors,
-              "profile": None if args.no_profile else profile(), "clustering": clustering,
+              "profile": prof, "clustering": clusters(),
               "examples": examples()}  # fmt: skip
     write_report(RESULTS, "mixed_kinds", report, rows)
     plot(rows, RESULTS / "mixed_kinds.png")
