@@ -141,18 +141,8 @@ def _llama_embed(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor
     return model.model.embed_tokens(input_ids)  # positions enter through the rotary embeddings (the context)
 
 
-def _llama_context(
-    model: Any,
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-    cache: Cache | None = None,
-    first_block: int = 0,
-) -> dict[str, Any]:
-    ctx = _causal_context(
-        model, hidden, attention_mask, position_ids=position_ids, cache=cache, first_block=first_block
-    )
+def _llama_context(model: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, **cached: Any) -> dict[str, Any]:
+    ctx = _causal_context(model, hidden, attention_mask, **cached)
     ctx["position_embeddings"] = model.model.rotary_emb(hidden, position_ids=ctx["position_ids"])
     return ctx
 
